@@ -1,0 +1,525 @@
+//! One DERP connection: dial, TLS, HTTP or WebSocket upgrade, handshake; then a reader
+//! and a writer half. No reconnection here (see `client::RelayClient`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::BytesMut;
+use proto::relaymap::RelayNode;
+use proto::{NodePrivate, NodePublic};
+use rand::RngCore as _;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use super::tls::{client_config, TlsSettings, TlsVerify};
+use crate::frame::{self, ty, Frame};
+use crate::handshake::{self, ClientInfo, ServerInfo};
+use crate::io::{read_http_head, write_flush, BoxStream, FrameReader, Prefixed, ReadError};
+use crate::ws::{self, WsByteStream};
+
+/// Budget for dial + TLS + upgrade + DERP handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Budget for one TCP dial attempt to one address.
+const DIAL_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Largest HTTP response head we read.
+const MAX_HTTP_HEAD: usize = 16 << 10;
+
+/// Where a relay is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct RelayTarget {
+    /// Host name for the `Host` header (and SNI unless `tls.server_name` says otherwise).
+    pub host: String,
+    pub port: u16,
+    /// Connect to this address instead of resolving `host`.
+    pub dial_addr: Option<SocketAddr>,
+    /// `None` = plain HTTP (development only).
+    pub tls: Option<TlsSettings>,
+    /// Use a WebSocket (subprotocol `derp`) instead of the `Upgrade: DERP` request.
+    pub websocket: bool,
+}
+
+/// A relay URL or dial target is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("bad relay URL {url:?}: {why}")]
+pub struct TargetError {
+    url: String,
+    why: &'static str,
+}
+
+impl RelayTarget {
+    /// `http://`, `https://`, `ws://` or `wss://` + `host[:port]` (path, if any, ignored).
+    pub fn parse_url(url: &str) -> Result<Self, TargetError> {
+        let err = |why| TargetError {
+            url: url.to_string(),
+            why,
+        };
+        let (scheme, rest) = url.split_once("://").ok_or(err("missing scheme"))?;
+        let (tls, websocket, default_port) = match scheme {
+            "http" => (false, false, 80),
+            "https" => (true, false, 443),
+            "ws" => (false, true, 80),
+            "wss" => (true, true, 443),
+            _ => return Err(err("scheme must be http, https, ws or wss")),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = split_host_port(authority, default_port).ok_or(err("bad host:port"))?;
+        if host.is_empty() {
+            return Err(err("empty host"));
+        }
+        Ok(RelayTarget {
+            dial_addr: None,
+            tls: tls.then(|| TlsSettings {
+                server_name: host.clone(),
+                verify: TlsVerify::SystemRoots,
+            }),
+            host,
+            port,
+            websocket,
+        })
+    }
+
+    /// The target for a relay-map node: TLS to `HostName:DERPPort`, honouring `CertName`
+    /// (SNI, or a `sha256-raw:` pin) and `InsecureForTests`; dials the fixed `IPv4` (else
+    /// `IPv6`) address when one is given.
+    pub fn from_node(node: &RelayNode) -> Self {
+        let mut server_name = node.host_name.clone();
+        let mut verify = TlsVerify::SystemRoots;
+        if let Some(pin) = node.cert_name.strip_prefix("sha256-raw:") {
+            let mut h = [0u8; 32];
+            if hex::decode_to_slice(pin, &mut h).is_ok() {
+                verify = TlsVerify::PinnedSha256(h);
+            }
+        } else if !node.cert_name.is_empty() {
+            server_name = node.cert_name.clone();
+        }
+        if node.insecure_for_tests {
+            verify = TlsVerify::InsecureForTests;
+        }
+        let port = node.derp_port();
+        let dial_addr = match (node.ipv4_addr(), node.ipv6_addr()) {
+            (Ok(Some(v4)), _) => Some(SocketAddr::new(v4.into(), port)),
+            (_, Ok(Some(v6))) => Some(SocketAddr::new(v6.into(), port)),
+            _ => None,
+        };
+        RelayTarget {
+            host: node.host_name.clone(),
+            port,
+            dial_addr,
+            tls: Some(TlsSettings {
+                server_name,
+                verify,
+            }),
+            websocket: false,
+        }
+    }
+
+    fn host_header(&self) -> String {
+        let default = if self.tls.is_some() { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h.to_string(), p.parse().ok()?)),
+        Some(_) => None,
+        None => Some((s.to_string(), default_port)),
+    }
+}
+
+/// Connecting to a relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot reach relay {target}: {source}")]
+    Dial {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with relay {target} failed: {source}")]
+    Tls {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("relay {target} refused the upgrade: {status}")]
+    Upgrade { target: String, status: String },
+    #[error("DERP handshake with {target} failed: {why}")]
+    Handshake { target: String, why: String },
+    #[error("connecting to relay {target} took longer than {timeout:?}")]
+    Timeout { target: String, timeout: Duration },
+}
+
+/// A connected, handshaken DERP connection.
+#[derive(Debug)]
+pub struct RelayConn {
+    pub reader: RelayReader,
+    pub writer: RelayWriter,
+    /// The relay's public key (from its ServerKey frame).
+    pub server_key: NodePublic,
+    pub server_info: ServerInfo,
+}
+
+/// Dials `target` and completes the DERP handshake as `key`.
+pub async fn connect(
+    target: &RelayTarget,
+    key: &NodePrivate,
+    info: &ClientInfo,
+) -> Result<RelayConn, ConnectError> {
+    let name = format!("{}:{}", target.host, target.port);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(target, key, info, &name)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout {
+            target: name,
+            timeout: CONNECT_TIMEOUT,
+        }),
+    }
+}
+
+async fn dial(target: &RelayTarget, name: &str) -> Result<TcpStream, ConnectError> {
+    let dial_err = |source| ConnectError::Dial {
+        target: name.to_string(),
+        source,
+    };
+    let addrs: Vec<SocketAddr> = match target.dial_addr {
+        Some(a) => vec![a],
+        None => tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .map_err(dial_err)?
+            .collect(),
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
+    for addr in addrs {
+        match tokio::time::timeout(DIAL_ATTEMPT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "dial timed out"),
+        }
+    }
+    Err(dial_err(last))
+}
+
+async fn connect_inner(
+    target: &RelayTarget,
+    key: &NodePrivate,
+    info: &ClientInfo,
+    name: &str,
+) -> Result<RelayConn, ConnectError> {
+    let tcp = dial(target, name).await?;
+    let mut stream: BoxStream = match &target.tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let tls_err = |source| ConnectError::Tls {
+                target: name.to_string(),
+                source,
+            };
+            let config = client_config(&tls.verify)
+                .map_err(|e| tls_err(std::io::Error::other(e.to_string())))?;
+            let sni = ServerName::try_from(tls.server_name.clone())
+                .map_err(|e| tls_err(std::io::Error::other(e.to_string())))?;
+            let s = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&config))
+                .connect(sni, tcp)
+                .await
+                .map_err(tls_err)?;
+            Box::new(s)
+        }
+    };
+    let upgrade_err = |status: String| ConnectError::Upgrade {
+        target: name.to_string(),
+        status,
+    };
+    let io_upgrade_err = |e: std::io::Error| upgrade_err(e.to_string());
+
+    let ws_key = target.websocket.then(|| {
+        let mut k = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut k);
+        base64::engine::general_purpose::STANDARD.encode(k)
+    });
+    let request = match &ws_key {
+        Some(k) => format!(
+            "GET /derp HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {k}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {}\r\n\r\n",
+            target.host_header(),
+            ws::SUBPROTOCOL
+        ),
+        None => format!(
+            "GET /derp HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+            target.host_header()
+        ),
+    };
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(io_upgrade_err)?;
+    stream.flush().await.map_err(io_upgrade_err)?;
+    let (head, rest) = read_http_head(&mut stream, MAX_HTTP_HEAD)
+        .await
+        .map_err(io_upgrade_err)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(upgrade_err("malformed HTTP response".into())),
+    }
+    if resp.code != Some(101) {
+        return Err(upgrade_err(format!(
+            "HTTP {} {}",
+            resp.code.unwrap_or(0),
+            resp.reason.unwrap_or("")
+        )));
+    }
+    let (stream, prefix): (BoxStream, BytesMut) = match ws_key {
+        Some(k) => {
+            let accept = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_string());
+            if accept.as_deref() != Some(ws::accept_key(&k).as_str()) {
+                return Err(upgrade_err("bad Sec-WebSocket-Accept".into()));
+            }
+            let inner = Prefixed::new(rest.freeze(), stream);
+            (
+                Box::new(WsByteStream::new(inner, Role::Client).await),
+                BytesMut::new(),
+            )
+        }
+        None => (stream, rest),
+    };
+    handshake(stream, prefix, key, info, name).await
+}
+
+/// Runs the DERP handshake on an upgraded stream (`prefix` = bytes read past the HTTP head).
+pub async fn handshake(
+    stream: BoxStream,
+    prefix: BytesMut,
+    key: &NodePrivate,
+    info: &ClientInfo,
+    name: &str,
+) -> Result<RelayConn, ConnectError> {
+    let hs_err = |why: String| ConnectError::Handshake {
+        target: name.to_string(),
+        why,
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd, prefix, frame::MAX_CLIENT_RECV_FRAME);
+    let mut writer = RelayWriter {
+        io: wr,
+        buf: BytesMut::new(),
+    };
+    let server_key = match next_frame(&mut reader).await {
+        Ok(Frame::ServerKey { key }) => key,
+        Ok(other) => return Err(hs_err(format!("expected ServerKey, got {other:?}"))),
+        Err(e) => return Err(hs_err(e.to_string())),
+    };
+    let sealed = handshake::seal_client_info(key, &server_key, info);
+    writer
+        .send(&Frame::ClientInfo {
+            key: key.public(),
+            sealed,
+        })
+        .await
+        .map_err(|e| hs_err(e.to_string()))?;
+    let server_info = match next_frame(&mut reader).await {
+        Ok(Frame::ServerInfo { sealed }) => handshake::open_server_info(key, &server_key, &sealed)
+            .map_err(|e| hs_err(e.to_string()))?,
+        Ok(other) => return Err(hs_err(format!("expected ServerInfo, got {other:?}"))),
+        Err(e) => {
+            return Err(hs_err(format!(
+                "{e} (the relay may have refused this client)"
+            )))
+        }
+    };
+    Ok(RelayConn {
+        reader: RelayReader { frames: reader },
+        writer,
+        server_key,
+        server_info,
+    })
+}
+
+async fn next_frame(r: &mut FrameReader<ReadHalf<BoxStream>>) -> Result<Frame, ReadError> {
+    match r.read_raw().await? {
+        Some((t, body)) => Ok(Frame::parse(t, body)?),
+        None => Err(ReadError::Closed),
+    }
+}
+
+/// The receiving half of a relay connection.
+pub struct RelayReader {
+    frames: FrameReader<ReadHalf<BoxStream>>,
+}
+
+impl std::fmt::Debug for RelayReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RelayReader")
+    }
+}
+
+impl std::fmt::Debug for RelayWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RelayWriter({} bytes queued)", self.buf.len())
+    }
+}
+
+impl RelayReader {
+    /// The next meaningful frame. Unknown types and a stray ServerKey (fast start) are skipped,
+    /// as are RecvPacket frames too short to carry a source key.
+    pub async fn recv(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            let Some((t, body)) = self.frames.read_raw().await? else {
+                return Err(ReadError::Closed);
+            };
+            if t == ty::RECV_PACKET && body.len() < 32 {
+                continue;
+            }
+            match Frame::parse(t, body)? {
+                Frame::Unknown { .. } | Frame::ServerKey { .. } => continue,
+                f => return Ok(f),
+            }
+        }
+    }
+}
+
+/// The sending half of a relay connection. Frames can be queued and written in one go.
+pub struct RelayWriter {
+    io: WriteHalf<BoxStream>,
+    buf: BytesMut,
+}
+
+impl RelayWriter {
+    /// Queues a frame without writing it.
+    pub fn queue(&mut self, f: &Frame) {
+        f.encode(&mut self.buf);
+    }
+
+    /// Queues a SendPacket. Payloads over 64 KiB are refused.
+    pub fn queue_packet(&mut self, dst: &NodePublic, payload: &[u8]) -> std::io::Result<()> {
+        if payload.len() > frame::MAX_PACKET_SIZE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "packet larger than 64 KiB",
+            ));
+        }
+        frame::encode_packet(&mut self.buf, ty::SEND_PACKET, dst, payload);
+        Ok(())
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = write_flush(&mut self.io, &self.buf).await;
+        self.buf.clear();
+        if self.buf.capacity() > 256 << 10 {
+            self.buf = BytesMut::new();
+        }
+        r
+    }
+
+    /// Writes one frame now.
+    pub async fn send(&mut self, f: &Frame) -> std::io::Result<()> {
+        self.queue(f);
+        self.flush().await
+    }
+
+    /// Sends one packet to `dst` now.
+    pub async fn send_packet(&mut self, dst: &NodePublic, payload: &[u8]) -> std::io::Result<()> {
+        self.queue_packet(dst, payload)?;
+        self.flush().await
+    }
+
+    /// Sends raw bytes (tests of malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        write_flush(&mut self.io, bytes).await
+    }
+
+    /// Closes the sending direction.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.io.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_relay_urls() {
+        let t = RelayTarget::parse_url("https://derp.example.com").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.websocket),
+            ("derp.example.com", 443, false)
+        );
+        assert!(t.tls.is_some());
+        let t = RelayTarget::parse_url("ws://127.0.0.1:3340/derp").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.websocket),
+            ("127.0.0.1", 3340, true)
+        );
+        assert!(t.tls.is_none());
+        let t = RelayTarget::parse_url("wss://[::1]:8443").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 8443));
+        assert_eq!(t.host_header(), "[::1]:8443");
+        assert!(RelayTarget::parse_url("ftp://x").is_err());
+        assert!(RelayTarget::parse_url("http://:80").is_err());
+        assert!(RelayTarget::parse_url("http://h:notaport").is_err());
+    }
+
+    #[test]
+    fn node_target_honours_cert_name_pin_and_fixed_ip() {
+        let node = RelayNode {
+            name: "900a".into(),
+            region_id: 900,
+            host_name: "derp.example.com".into(),
+            cert_name: format!("sha256-raw:{}", "ab".repeat(32)),
+            ipv4: "203.0.113.10".into(),
+            derp_port: 8443,
+            ..Default::default()
+        };
+        let t = RelayTarget::from_node(&node);
+        assert_eq!(t.dial_addr, Some("203.0.113.10:8443".parse().unwrap()));
+        let tls = t.tls.unwrap();
+        assert_eq!(tls.server_name, "derp.example.com");
+        assert!(matches!(tls.verify, TlsVerify::PinnedSha256(h) if h == [0xab; 32]));
+
+        let node = RelayNode {
+            cert_name: "relay.internal".into(),
+            insecure_for_tests: true,
+            ..node
+        };
+        let tls = RelayTarget::from_node(&node).tls.unwrap();
+        assert_eq!(tls.server_name, "relay.internal");
+        assert!(matches!(tls.verify, TlsVerify::InsecureForTests));
+    }
+}
