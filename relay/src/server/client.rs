@@ -82,13 +82,15 @@ impl ClientHandle {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a packet from `src`; drops the oldest queued one when full.
-    pub fn enqueue_packet(&self, src: NodePublic, payload: Bytes, metrics: &Metrics) {
+    /// Queues a packet from `src`; drops the oldest queued one when full. Returns the
+    /// queue's length afterwards so a busy sender can yield to this client's writer.
+    pub fn enqueue_packet(&self, src: NodePublic, payload: Bytes, metrics: &Metrics) -> usize {
+        let len;
         {
             let mut q = self.lock();
             if q.close.is_some() {
                 metrics.drop_packet(DropReason::Gone);
-                return;
+                return 0;
             }
             let queue = if looks_like_disco(&payload) {
                 &mut q.disco
@@ -100,8 +102,10 @@ impl ClientHandle {
                 metrics.drop_packet(DropReason::QueueHead);
             }
             queue.push_back((src, payload));
+            len = queue.len();
         }
         self.notify.notify_one();
+        len
     }
 
     /// Queues a control frame (PeerGone, PeerPresent).

@@ -10,7 +10,7 @@ use proto::NodePublic;
 use rand::Rng as _;
 use tokio::io::{ReadHalf, WriteHalf};
 
-use super::client::{ClientHandle, Queues};
+use super::client::{ClientHandle, Queues, QUEUE_DEPTH};
 use super::metrics::{CloseReason, DropReason};
 use super::ratelimit::TokenBucket;
 use super::routes::Route;
@@ -221,7 +221,10 @@ async fn read_loop(
                         if record && recorded.len() < RECORDED_DSTS {
                             recorded.insert(dst);
                         }
-                        to.enqueue_packet(h.key, payload, m);
+                        if to.enqueue_packet(h.key, payload, m) >= QUEUE_DEPTH / 2 {
+                            // Let the receiver's writer drain before a burst overflows its queue.
+                            tokio::task::yield_now().await;
+                        }
                     }
                     Route::Mesh(fwd) => {
                         if record && recorded.len() < RECORDED_DSTS {
@@ -251,7 +254,11 @@ async fn read_loop(
                 m.packets_forwarded_in.fetch_add(1, Ordering::Relaxed);
                 let to = shared.routes().route_local(src, dst);
                 match to {
-                    Some(to) => to.enqueue_packet(src, payload, m),
+                    Some(to) => {
+                        if to.enqueue_packet(src, payload, m) >= QUEUE_DEPTH / 2 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
                     None => m.drop_packet(DropReason::UnknownDestOnForward),
                 }
             }

@@ -1,0 +1,251 @@
+//! Helpers for relay integration tests: servers on real loopback listeners, clients,
+//! a test certificate, raw HTTP requests, and a verify-URL server.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::{NodePrivate, NodePublic};
+use relay::client::tls::{TlsSettings, TlsVerify};
+use relay::client::{connect, RelayConn, RelayTarget};
+use relay::frame::Frame;
+use relay::handshake::ClientInfo;
+use relay::server::{RunningServer, Server, ServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A config for a plain-HTTP server on loopback with STUN on loopback.
+pub fn config() -> ServerConfig {
+    let mut cfg = ServerConfig::new(NodePrivate::generate(), "127.0.0.1:0".parse().unwrap());
+    cfg.stun_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg
+}
+
+pub async fn start(cfg: ServerConfig) -> RunningServer {
+    Server::start(cfg).await.expect("server starts")
+}
+
+/// A self-signed certificate for `localhost`.
+pub struct TestCert {
+    pub der: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+pub fn test_cert() -> TestCert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    TestCert {
+        der: ck.cert.der().clone(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der())),
+    }
+}
+
+pub fn tls_config(cert: &TestCert) -> Arc<rustls::ServerConfig> {
+    relay::server::config::tls_server_config(vec![cert.der.clone()], cert.key.clone_key()).unwrap()
+}
+
+/// Target for a server: plain or TLS (trusting `cert`, SNI localhost), DERP or WebSocket.
+pub fn target(addr: SocketAddr, cert: Option<&TestCert>, websocket: bool) -> RelayTarget {
+    RelayTarget {
+        host: "localhost".into(),
+        port: addr.port(),
+        dial_addr: Some(addr),
+        tls: cert.map(|c| TlsSettings {
+            server_name: "localhost".into(),
+            verify: TlsVerify::Roots(vec![c.der.clone()]),
+        }),
+        websocket,
+    }
+}
+
+pub fn plain(addr: SocketAddr) -> RelayTarget {
+    target(addr, None, false)
+}
+
+pub async fn client(t: &RelayTarget) -> (NodePrivate, RelayConn) {
+    let key = NodePrivate::generate();
+    let conn = connect(t, &key, &ClientInfo::regular())
+        .await
+        .expect("client connects");
+    (key, conn)
+}
+
+pub async fn client_with_key(t: &RelayTarget, key: &NodePrivate) -> RelayConn {
+    connect(t, key, &ClientInfo::regular())
+        .await
+        .expect("client connects")
+}
+
+/// Waits for the next RecvPacket (skipping keepalives etc.).
+pub async fn recv_packet(conn: &mut RelayConn) -> (NodePublic, Bytes) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match conn.reader.recv().await.expect("connection stays up") {
+                Frame::RecvPacket { src, payload } => return (src, payload),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("packet arrives in time")
+}
+
+/// Waits for a frame matching `pred`.
+pub async fn recv_matching(conn: &mut RelayConn, pred: impl Fn(&Frame) -> bool) -> Frame {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let f = conn.reader.recv().await.expect("connection stays up");
+            if pred(&f) {
+                return f;
+            }
+        }
+    })
+    .await
+    .expect("frame arrives in time")
+}
+
+/// Asserts the server closes this connection soon.
+pub async fn assert_closed(conn: &mut RelayConn) {
+    let r = tokio::time::timeout(WAIT, async {
+        loop {
+            if conn.reader.recv().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "server did not close the connection");
+}
+
+/// A disco-looking payload (magic + 62 bytes), so PeerGone(NotHere) rules apply.
+pub fn disco_payload(tag: u8) -> Bytes {
+    let mut p = vec![0x54, 0x53, 0xF0, 0x9F, 0x92, 0xAC];
+    p.resize(100, tag);
+    Bytes::from(p)
+}
+
+/// One HTTP/1.1 request over plain TCP; returns (status, head, body).
+pub async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    (status, head.to_string(), body.as_bytes().to_vec())
+}
+
+/// Reads a counter line from /metrics.
+pub async fn metric(addr: SocketAddr, line_prefix: &str) -> u64 {
+    let (_, _, body) = http_get(addr, "/metrics", &[]).await;
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {line_prefix} missing"))
+}
+
+/// A verify URL like Headscale's /verify: allows the node keys in the set.
+pub struct VerifyServer {
+    pub url: String,
+    pub allowed: Arc<Mutex<HashSet<String>>>,
+    pub requests: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for VerifyServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn verify_server() -> VerifyServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/verify", listener.local_addr().unwrap());
+    let allowed: Arc<Mutex<HashSet<String>>> = Default::default();
+    let requests: Arc<Mutex<Vec<String>>> = Default::default();
+    let (a, r) = (allowed.clone(), requests.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let (a, r) = (a.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (n, v) = l.split_once(':')?;
+                            n.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() < len {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&body[..len]).unwrap();
+                    let key = v["NodePublic"].as_str().unwrap_or_default().to_string();
+                    assert!(
+                        v["Source"].as_str().is_some(),
+                        "verify request carries Source"
+                    );
+                    r.lock().unwrap().push(key.clone());
+                    let allow = a.lock().unwrap().contains(&key);
+                    let body = format!("{{\"Allow\":{allow}}}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    return;
+                }
+            });
+        }
+    });
+    VerifyServer {
+        url,
+        allowed,
+        requests,
+        task,
+    }
+}
+
+/// A loopback port that was free a moment ago (for servers that must know each other's port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
