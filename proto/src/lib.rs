@@ -13,4 +13,4 @@ pub use keys::{
     DiscoPrivate, DiscoPublic, KeyParseError, MachinePrivate, MachinePublic, MeshKey, NodePrivate,
     NodePublic,
 };
-pub use relaymap::{RelayMap, RelayNode, RelayRegion};
+pub use relaymap::{NodeAddr, RelayMap, RelayNode, RelayRegion};

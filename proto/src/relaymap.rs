@@ -143,22 +143,35 @@ impl RelayNode {
         }
     }
 
-    /// The fixed IPv4 address, `Ok(None)` to resolve `HostName`, `Err(())` if disabled.
-    pub fn ipv4_addr(&self) -> Result<Option<std::net::Ipv4Addr>, ()> {
-        fixed_addr(&self.ipv4)
+    /// How to reach the node over IPv4.
+    pub fn ipv4_addr(&self) -> NodeAddr<std::net::Ipv4Addr> {
+        NodeAddr::from_field(&self.ipv4)
     }
 
-    /// The fixed IPv6 address, `Ok(None)` to resolve `HostName`, `Err(())` if disabled.
-    pub fn ipv6_addr(&self) -> Result<Option<std::net::Ipv6Addr>, ()> {
-        fixed_addr(&self.ipv6)
+    /// How to reach the node over IPv6.
+    pub fn ipv6_addr(&self) -> NodeAddr<std::net::Ipv6Addr> {
+        NodeAddr::from_field(&self.ipv6)
     }
 }
 
-fn fixed_addr<T: std::str::FromStr>(s: &str) -> Result<Option<T>, ()> {
-    if s.is_empty() {
-        Ok(None)
-    } else {
-        s.parse().map(Some).map_err(|_| ())
+/// What a node's `IPv4`/`IPv6` field says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAddr<T> {
+    /// Use this address.
+    Fixed(T),
+    /// Empty field: resolve `HostName`.
+    Resolve,
+    /// Any non-IP string (conventionally `"none"`): this family is disabled.
+    Disabled,
+}
+
+impl<T: std::str::FromStr> NodeAddr<T> {
+    fn from_field(s: &str) -> Self {
+        if s.is_empty() {
+            NodeAddr::Resolve
+        } else {
+            s.parse().map_or(NodeAddr::Disabled, NodeAddr::Fixed)
+        }
     }
 }
 
@@ -245,7 +258,10 @@ mod tests {
         assert_eq!(r.region_code, "myr");
         let n = &r.nodes[0];
         assert_eq!(n.host_name, "derp.example.com");
-        assert_eq!(n.ipv4_addr(), Ok(Some("203.0.113.10".parse().unwrap())));
+        assert_eq!(
+            n.ipv4_addr(),
+            NodeAddr::Fixed("203.0.113.10".parse().unwrap())
+        );
         assert_eq!(n.stun_port(), Some(3478));
         assert_eq!(n.derp_port(), 443);
         assert!(n.can_port_80);
@@ -278,8 +294,8 @@ mod tests {
         };
         assert_eq!(n.stun_port(), None);
         assert_eq!(n.derp_port(), 443);
-        assert_eq!(n.ipv4_addr(), Err(()));
-        assert_eq!(n.ipv6_addr(), Ok(None));
+        assert_eq!(n.ipv4_addr(), NodeAddr::Disabled);
+        assert_eq!(n.ipv6_addr(), NodeAddr::Resolve);
         let n = RelayNode::default();
         assert_eq!(n.stun_port(), Some(3478));
     }

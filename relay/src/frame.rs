@@ -277,11 +277,14 @@ impl Frame {
                     ip.copy_from_slice(&body[KEY_LEN..KEY_LEN + 16]);
                     let port = u16::from_be_bytes([body[KEY_LEN + 16], body[KEY_LEN + 17]]);
                     let ip = Ipv6Addr::from(ip);
-                    let ip = match ip.to_ipv4_mapped() {
-                        Some(v4) => IpAddr::V4(v4),
-                        None => IpAddr::V6(ip),
-                    };
-                    addr = Some(SocketAddr::new(ip, port));
+                    // An unspecified address with port 0 is how "no address" encodes.
+                    if !(ip.is_unspecified() && port == 0) {
+                        let ip = match ip.to_ipv4_mapped() {
+                            Some(v4) => IpAddr::V4(v4),
+                            None => IpAddr::V6(ip),
+                        };
+                        addr = Some(SocketAddr::new(ip, port));
+                    }
                     if len > KEY_LEN + 18 {
                         flags = body[KEY_LEN + 18];
                     }
@@ -588,6 +591,12 @@ mod tests {
             flags: present_flags::MESH_PEER,
         };
         round_trip(f);
+        // No address encodes as [::]:0 and reads back as none.
+        round_trip(Frame::PeerPresent {
+            peer: k(0x11),
+            addr: None,
+            flags: 0,
+        });
         // Old servers sent only the key.
         let short = Frame::parse(ty::PEER_PRESENT, Bytes::from(vec![0x11; 32])).unwrap();
         assert_eq!(

@@ -70,6 +70,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self.inner
     }
 
+    /// Whether a whole frame is already buffered (the next read will not wait).
+    pub fn frame_buffered(&self) -> bool {
+        matches!(frame::pending_len(&self.buf, self.max_len), Ok(Some(len)) if self.buf.len() >= HEADER_LEN + len)
+    }
+
     /// The next frame as `(type, body)`; `Ok(None)` on a clean end of stream.
     pub async fn read_raw(&mut self) -> Result<Option<(u8, Bytes)>, ReadError> {
         loop {
@@ -98,7 +103,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads at a frame boundary; returns false on end of stream.
     async fn read_at_boundary(&mut self) -> Result<bool, ReadError> {
         if self.buf.capacity() > 0 {
-            // Data is probably flowing: try one chunk-sized read without waiting.
+            // Data is probably flowing: try one chunk-sized read without waiting. The buffer
+            // is empty, so reserving reuses its allocation from the start.
+            self.buf.reserve(READ_CHUNK);
             let attempt = {
                 let mut fut = pin!(self.inner.read_buf(&mut self.buf));
                 poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await

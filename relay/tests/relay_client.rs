@@ -1,5 +1,7 @@
 //! The reconnecting client against real relays, and the relayd binary's lifecycle.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,8 @@
 //! relayd behaviour over real loopback sockets: forwarding over every transport, mesh,
 //! client verification, bad input, slow receivers, STUN and the HTTP endpoints.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::{Duration, Instant};

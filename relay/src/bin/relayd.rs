@@ -1,4 +1,6 @@
 //! `relayd`: the DERP relay server. See `relayd --help`.
+// A command-line program reports fatal errors on stderr for the person who started it.
+#![allow(clippy::print_stderr)]
 
 use std::process::ExitCode;
 
@@ -37,7 +39,6 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("relayd: {e:#}");
             ExitCode::FAILURE
         }
@@ -45,6 +46,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Every client is a socket: allow as many as the hard limit does, as derper does.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let cfg = args.to_server_config()?;
     let server = Server::start(cfg).await.context("relayd could not start")?;
     wait_for_signal().await?;

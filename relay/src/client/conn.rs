@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::BytesMut;
-use proto::relaymap::RelayNode;
+use proto::relaymap::{NodeAddr, RelayNode};
 use proto::{NodePrivate, NodePublic};
 use rand::RngCore as _;
 use rustls::pki_types::ServerName;
@@ -101,8 +101,8 @@ impl RelayTarget {
         }
         let port = node.derp_port();
         let dial_addr = match (node.ipv4_addr(), node.ipv6_addr()) {
-            (Ok(Some(v4)), _) => Some(SocketAddr::new(v4.into(), port)),
-            (_, Ok(Some(v6))) => Some(SocketAddr::new(v6.into(), port)),
+            (NodeAddr::Fixed(v4), _) => Some(SocketAddr::new(v4.into(), port)),
+            (_, NodeAddr::Fixed(v6)) => Some(SocketAddr::new(v6.into(), port)),
             _ => None,
         };
         RelayTarget {

@@ -179,7 +179,12 @@ async fn read_loop(
     });
     let mut recorded: std::collections::HashSet<NodePublic> = Default::default();
     let mut not_here = TokenBucket::new(1.0, 3.0, Instant::now());
+    // Receivers with packets queued since the last wake-up: woken once per read chunk.
+    let mut to_wake: Vec<Arc<ClientHandle>> = Vec::new();
     loop {
+        if !to_wake.is_empty() && !reader.frame_buffered() {
+            wake_all(&mut to_wake);
+        }
         let (t, body) = match reader.read_raw().await {
             Ok(Some(f)) => f,
             Ok(None) => return CloseReason::Eof,
@@ -221,8 +226,13 @@ async fn read_loop(
                         if record && recorded.len() < RECORDED_DSTS {
                             recorded.insert(dst);
                         }
-                        if to.enqueue_packet(h.key, payload, m) >= QUEUE_DEPTH / 2 {
-                            // Let the receiver's writer drain before a burst overflows its queue.
+                        let queued = to.enqueue_packet_quietly(h.key, payload, m);
+                        if !to_wake.iter().any(|w| Arc::ptr_eq(w, &to)) {
+                            to_wake.push(to);
+                        }
+                        if queued >= QUEUE_DEPTH / 2 {
+                            // Let the receivers' writers drain before a burst overflows a queue.
+                            wake_all(&mut to_wake);
                             tokio::task::yield_now().await;
                         }
                     }
@@ -255,7 +265,12 @@ async fn read_loop(
                 let to = shared.routes().route_local(src, dst);
                 match to {
                     Some(to) => {
-                        if to.enqueue_packet(src, payload, m) >= QUEUE_DEPTH / 2 {
+                        let queued = to.enqueue_packet_quietly(src, payload, m);
+                        if !to_wake.iter().any(|w| Arc::ptr_eq(w, &to)) {
+                            to_wake.push(to);
+                        }
+                        if queued >= QUEUE_DEPTH / 2 {
+                            wake_all(&mut to_wake);
                             tokio::task::yield_now().await;
                         }
                     }
@@ -303,6 +318,12 @@ async fn read_loop(
                 return CloseReason::OutOfOrder;
             }
         }
+    }
+}
+
+fn wake_all(to_wake: &mut Vec<Arc<ClientHandle>>) {
+    for h in to_wake.drain(..) {
+        h.wake();
     }
 }
 
