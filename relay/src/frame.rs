@@ -607,6 +607,8 @@ mod tests {
                 flags: 0
             }
         );
+        // ... and survives re-encoding (found by the frame_reader fuzz target).
+        round_trip(short);
     }
 
     #[test]

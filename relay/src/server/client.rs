@@ -82,22 +82,10 @@ impl ClientHandle {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a packet from `src` and wakes the writer.
-    pub fn enqueue_packet(&self, src: NodePublic, payload: Bytes, metrics: &Metrics) -> usize {
-        let len = self.enqueue_packet_quietly(src, payload, metrics);
-        self.notify.notify_one();
-        len
-    }
-
     /// Queues a packet from `src` without waking the writer (the caller batches wake-ups
     /// with [`ClientHandle::wake`]); drops the oldest queued packet when full. Returns the
     /// queue's length afterwards so a busy sender can yield to this client's writer.
-    pub fn enqueue_packet_quietly(
-        &self,
-        src: NodePublic,
-        payload: Bytes,
-        metrics: &Metrics,
-    ) -> usize {
+    pub fn enqueue_packet(&self, src: NodePublic, payload: Bytes, metrics: &Metrics) -> usize {
         let len;
         {
             let mut q = self.lock();

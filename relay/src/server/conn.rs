@@ -53,6 +53,10 @@ pub(crate) async fn serve(
     };
     reader.set_max_len(frame::MAX_SERVER_RECV_FRAME);
 
+    if shared.is_shutting_down() {
+        m.closed(CloseReason::Shutdown);
+        return;
+    }
     {
         let mut routes = shared.routes();
         if routes.connection_count() >= shared.cfg.max_clients {
@@ -226,7 +230,7 @@ async fn read_loop(
                         if record && recorded.len() < RECORDED_DSTS {
                             recorded.insert(dst);
                         }
-                        let queued = to.enqueue_packet_quietly(h.key, payload, m);
+                        let queued = to.enqueue_packet(h.key, payload, m);
                         if !to_wake.iter().any(|w| Arc::ptr_eq(w, &to)) {
                             to_wake.push(to);
                         }
@@ -265,7 +269,7 @@ async fn read_loop(
                 let to = shared.routes().route_local(src, dst);
                 match to {
                     Some(to) => {
-                        let queued = to.enqueue_packet_quietly(src, payload, m);
+                        let queued = to.enqueue_packet(src, payload, m);
                         if !to_wake.iter().any(|w| Arc::ptr_eq(w, &to)) {
                             to_wake.push(to);
                         }
