@@ -495,6 +495,26 @@ mod tests {
     }
 
     #[test]
+    fn tls_loads_from_pem_files_and_rejects_mismatched_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key, other_key) = (
+            dir.path().join("c.pem"),
+            dir.path().join("k.pem"),
+            dir.path().join("o.pem"),
+        );
+        std::fs::write(&cert, a.cert.pem()).unwrap();
+        std::fs::write(&key, a.key_pair.serialize_pem()).unwrap();
+        std::fs::write(&other_key, b.key_pair.serialize_pem()).unwrap();
+        assert!(load_tls(&cert, &key).is_ok());
+        let err = load_tls(&cert, &other_key).unwrap_err();
+        assert!(format!("{err:#}").contains("do not match"), "{err:#}");
+        let err = load_tls(&key, &key).unwrap_err();
+        assert!(format!("{err:#}").contains("no certificates"), "{err:#}");
+    }
+
+    #[test]
     fn mesh_entries_parse() {
         let t = mesh_target("derp2.example.com/192.0.2.7", false, None).unwrap();
         assert_eq!(t.host, "derp2.example.com");
