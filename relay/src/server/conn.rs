@@ -197,6 +197,17 @@ async fn read_loop(
                 return CloseReason::Oversize;
             }
             Err(ReadError::Frame(_)) => return CloseReason::BadFrame,
+            // A reset, or TLS without close_notify, is how many clients simply leave.
+            Err(ReadError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return CloseReason::Eof
+            }
             Err(_) => return CloseReason::ReadError,
         };
         let frame_len = frame::HEADER_LEN + body.len();

@@ -163,15 +163,15 @@ pub struct RunningServer {
 /// The server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot listen for STUN on udp {addr}: {source}")]
+    #[error("cannot listen for STUN on udp {addr}: {error} (another relayd or STUN server running? use --stun-listen or --stun=false)")]
     Stun {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -182,22 +182,21 @@ pub struct Server;
 impl Server {
     /// Binds the listeners and starts serving.
     pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
-        let listener =
-            TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: cfg.listen,
-                    source,
-                })?;
-        let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|error| StartError::Listen {
+                addr: cfg.listen,
+                error,
+            })?;
+        let http_addr = listener.local_addr().map_err(|error| StartError::Listen {
             addr: cfg.listen,
-            source,
+            error,
         })?;
         let stun = match cfg.stun_listen {
             Some(addr) => Some(
                 UdpSocket::bind(addr)
                     .await
-                    .map_err(|source| StartError::Stun { addr, source })?,
+                    .map_err(|error| StartError::Stun { addr, error })?,
             ),
             None => None,
         };
