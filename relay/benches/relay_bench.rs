@@ -10,110 +10,53 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{spawn_relayd, target, test_cert, write_cert_files, RelaydProcess, TestCert};
 use proto::NodePrivate;
-use relay::client::tls::{TlsSettings, TlsVerify};
 use relay::client::{connect, RelayConn, RelayTarget};
 use relay::frame::Frame;
 use relay::handshake::ClientInfo;
 
 const PACKET: usize = 1200;
 
-struct Relayd {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
+/// relayd as a child process, plain or with TLS from PEM files.
+fn start_relayd(tls: Option<&TestCert>, dir: &std::path::Path) -> RelaydProcess {
+    let mut args: Vec<String> = [
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--stun=false",
+        "--log-level",
+        "warn,relay::server=info",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(cert) = tls {
+        let (c, k) = write_cert_files(cert, dir, "relayd");
+        args.extend([
+            "--tls-cert".into(),
+            c.display().to_string(),
+            "--tls-key".into(),
+            k.display().to_string(),
+        ]);
+    }
+    spawn_relayd(&args)
 }
 
-impl Drop for Relayd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Relayd {
-    fn start(tls: Option<&rcgen::CertifiedKey>) -> Relayd {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args: Vec<String> = vec![
-            "--dev".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--stun=false".into(),
-            "--log-level".into(),
-            "warn,relay::server=info".into(),
-        ];
-        if let Some(ck) = tls {
-            let cert = dir.path().join("cert.pem");
-            let key = dir.path().join("key.pem");
-            std::fs::write(&cert, ck.cert.pem()).unwrap();
-            std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-            args.extend([
-                "--tls-cert".into(),
-                cert.display().to_string(),
-                "--tls-key".into(),
-                key.display().to_string(),
-            ]);
-        }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relayd"))
-            .args(&args)
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(10))
-                .expect("relayd starts");
-            if let Some(rest) = line.split("relay listening").nth(1) {
-                let a = rest
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .unwrap();
-                break a.parse().unwrap();
-            }
-        };
-        Relayd {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-}
-
-fn target(addr: SocketAddr, cert: Option<&rcgen::CertifiedKey>) -> RelayTarget {
-    RelayTarget {
-        host: "localhost".into(),
-        port: addr.port(),
-        dial_addr: Some(addr),
-        tls: cert.map(|c| TlsSettings {
-            server_name: "localhost".into(),
-            verify: TlsVerify::Roots(vec![c.cert.der().clone()]),
-        }),
-        websocket: false,
-    }
+/// Resident set size of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 async fn conn(t: &RelayTarget) -> (NodePrivate, RelayConn) {
@@ -129,8 +72,9 @@ struct ForwardResult {
 }
 
 async fn forward(pairs: usize, secs: f64) -> ForwardResult {
-    let relayd = Relayd::start(None);
-    let t = target(relayd.addr, None);
+    let dir = tempfile::tempdir().unwrap();
+    let relayd = start_relayd(None, dir.path());
+    let t = target(relayd.addr, None, false);
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -180,17 +124,18 @@ async fn forward(pairs: usize, secs: f64) -> ForwardResult {
 }
 
 async fn idle(clients: usize, tls: bool) -> (u64, u64, f64) {
-    let ck =
-        tls.then(|| rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap());
-    let relayd = Relayd::start(ck.as_ref());
-    let t = target(relayd.addr, ck.as_ref());
+    let cert = tls.then(test_cert);
+    let dir = tempfile::tempdir().unwrap();
+    let relayd = start_relayd(cert.as_ref(), dir.path());
+    let t = target(relayd.addr, cert.as_ref(), false);
+    let pid = relayd.child.0.id();
     // Warm the server (runtime threads, first allocations) before the baseline.
     let mut conns = Vec::with_capacity(clients + 100);
     for _ in 0..100 {
         conns.push(conn(&t).await.1);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let base = relayd.rss_kib();
+    let base = rss_kib(pid);
     let mut set = tokio::task::JoinSet::new();
     let mut started = 0;
     while started < clients || !set.is_empty() {
@@ -205,7 +150,7 @@ async fn idle(clients: usize, tls: bool) -> (u64, u64, f64) {
     }
     // Let every connection go idle (buffers released after the handshake).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = relayd.rss_kib();
+    let after = rss_kib(pid);
     drop(conns);
     let per = (after.saturating_sub(base)) as f64 * 1024.0 / clients as f64;
     (base, after, per)

@@ -36,15 +36,6 @@ fn tailscale_bin(name: &str) -> Option<PathBuf> {
     None
 }
 
-/// Stops the child on drop, even if the test fails.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn tailscale_derpprobe_passes_packet_and_stun_probes_against_relayd() {
     let Some(derpprobe) = tailscale_bin("derpprobe") else {
@@ -102,16 +93,8 @@ async fn our_client_exchanges_packets_through_tailscale_derper() {
     };
     let dir = tempfile::tempdir().unwrap();
     let cert = test_cert();
-    std::fs::write(
-        dir.path().join("localhost.crt"),
-        pem("CERTIFICATE", &cert.der),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("localhost.key"),
-        pem("PRIVATE KEY", cert.key.secret_der()),
-    )
-    .unwrap();
+    // derper --certmode=manual reads <certdir>/<hostname>.crt and .key.
+    write_cert_files(&cert, dir.path(), "localhost");
     let (plain_port, tls_port) = (free_port(), free_port());
     let spawn = |args: Vec<String>| {
         Child(
@@ -200,16 +183,4 @@ async fn our_client_exchanges_packets_through_tailscale_derper() {
             "{name}"
         );
     }
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }

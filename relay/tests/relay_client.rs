@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -146,51 +145,22 @@ async fn keepalives_keep_a_quiet_connection_alive() {
     assert!(r.is_err(), "connection dropped despite keepalives: {r:?}");
 }
 
-/// Stops the child on drop, even if the test fails.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn relayd_binary_serves_and_drains_on_sigterm() {
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_relayd"))
-            .args([
-                "--dev",
-                "--listen",
-                "127.0.0.1:0",
-                "--stun-listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("relayd starts"),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let addr: std::net::SocketAddr = loop {
-        let line = rx.recv_timeout(WAIT).expect("relayd logs its address");
-        if let Some(rest) = line.split("relay listening").nth(1) {
-            let a = rest
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .unwrap();
-            break a.parse().unwrap();
-        }
-    };
+    let args = [
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--stun-listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "info",
+    ];
+    let RelaydProcess {
+        mut child,
+        addr,
+        logs,
+    } = spawn_relayd(&args.map(String::from));
     let (ka, mut a) = client(&plain(addr)).await;
     let (kb, mut b) = client(&plain(addr)).await;
     a.writer
@@ -217,7 +187,7 @@ async fn relayd_binary_serves_and_drains_on_sigterm() {
     };
     assert!(exit.success(), "relayd exited with {exit}");
     assert_closed(&mut a).await;
-    let logs: Vec<String> = rx.try_iter().collect();
+    let logs: Vec<String> = logs.try_iter().collect();
     assert!(logs.iter().any(|l| l.contains("relay stopped")), "{logs:?}");
 }
 

@@ -249,3 +249,87 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Stops the child on drop, even if the test fails.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The built `relayd` binary running as a child process.
+pub struct RelaydProcess {
+    pub child: Child,
+    /// Where it listens (read from its "relay listening" log line).
+    pub addr: SocketAddr,
+    /// Its further log lines.
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `relayd` with `args` and waits until it logs its listening address.
+pub fn spawn_relayd(args: &[String]) -> RelaydProcess {
+    use std::io::BufRead as _;
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_relayd"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("relayd starts"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, logs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let addr = loop {
+        let line = logs.recv_timeout(WAIT).expect("relayd logs its address");
+        if let Some(rest) = line.split("relay listening").nth(1) {
+            let a = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .unwrap();
+            break a.parse().unwrap();
+        }
+    };
+    RelaydProcess { child, addr, logs }
+}
+
+/// PEM text of one DER object.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Writes `cert` as `<name>.crt` and `<name>.key` PEM files in `dir`; returns both paths.
+pub fn write_cert_files(
+    cert: &TestCert,
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, pem("CERTIFICATE", &cert.der)).unwrap();
+    std::fs::write(&k, pem("PRIVATE KEY", cert.key.secret_der())).unwrap();
+    (c, k)
+}
