@@ -7,3 +7,4 @@
 
 pub mod noise;
 pub mod record;
+pub mod stream;
