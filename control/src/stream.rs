@@ -56,12 +56,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NoiseStream<S> {
     /// Opens records until at least `want` plaintext bytes are buffered; false at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<bool>> {
         while self.plain.len() < want {
-            match self.transport.open(&mut self.rbuf).map_err(invalid)? {
-                Some(p) => {
-                    self.plain.extend_from_slice(&p);
-                    continue;
-                }
-                None => {}
+            if let Some(p) = self.transport.open(&mut self.rbuf).map_err(invalid)? {
+                self.plain.extend_from_slice(&p);
+                continue;
             }
             let mut chunk = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut chunk);
