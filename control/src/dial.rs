@@ -1,0 +1,337 @@
+//! Reaching a control server: `GET /key?v=<capver>` for its Noise key, then
+//! `POST /ts2021` with `Upgrade: tailscale-control-protocol` and the Noise initiation in
+//! `X-Tailscale-Handshake`; after `101 Switching Protocols` the 51-byte response and the
+//! records follow on the raw socket.
+
+use std::io;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+
+use base64::Engine as _;
+use bytes::{Buf, BytesMut};
+use proto::{MachinePrivate, MachinePublic};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::noise::{ClientHandshake, NoiseError, RESPONSE_LEN};
+use crate::stream::NoiseStream;
+
+/// Any byte stream: TCP or TLS over TCP.
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ByteStream for T {}
+pub type BoxStream = Box<dyn ByteStream>;
+
+const MAX_HEAD: usize = 16 << 10;
+const MAX_KEY_RESPONSE: usize = 64 << 10;
+
+/// Where the control server is: `http://host[:port]` or `https://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl FromStr for ControlUrl {
+    type Err = DialError;
+    fn from_str(s: &str) -> Result<Self, DialError> {
+        let bad = |why: &str| DialError::Url(format!("{s:?}: {why}"));
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(bad("must start with http:// or https://"));
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let default = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+                None => default,
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
+                None => (authority.to_string(), default),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        Ok(ControlUrl { host, port, tls })
+    }
+}
+
+impl ControlUrl {
+    fn host_header(&self) -> String {
+        let h = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == if self.tls { 443 } else { 80 } {
+            h
+        } else {
+            format!("{h}:{}", self.port)
+        }
+    }
+}
+
+/// Reaching the control server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("bad control URL {0}")]
+    Url(String),
+    #[error("cannot reach the control server: {0}")]
+    Io(#[from] io::Error),
+    #[error("control server answered HTTP {status}: {body}")]
+    Http { status: u16, body: String },
+    #[error("control server's /key answer is not usable: {0}")]
+    BadKey(String),
+    #[error(transparent)]
+    Noise(#[from] NoiseError),
+}
+
+/// TLS with the system's trusted roots (rustls, ring provider).
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
+    static C: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    if let Some(c) = C.get() {
+        return Ok(c.clone());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| DialError::Io(io::Error::other(e.to_string())))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(C.get_or_init(|| Arc::new(config)).clone())
+}
+
+async fn connect(url: &ControlUrl) -> Result<BoxStream, DialError> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    if !url.tls {
+        return Ok(Box::new(tcp));
+    }
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| DialError::Url(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(tls_config()?)
+        .connect(name, tcp)
+        .await?;
+    Ok(Box::new(tls))
+}
+
+/// Reads an HTTP/1.1 response head; returns (status, headers, bytes after the head).
+async fn read_head(s: &mut BoxStream) -> Result<(u16, Vec<(String, String)>, BytesMut), DialError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            resp.parse(&buf[..end])
+                .map_err(|e| DialError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+            let status = resp.code.unwrap_or(0);
+            let hs = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).trim().to_string(),
+                    )
+                })
+                .collect();
+            buf.advance(end);
+            return Ok((status, hs, buf));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "HTTP head too large").into());
+        }
+        buf.reserve(1024);
+        if s.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the HTTP head ended",
+            )
+            .into());
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct KeyResponse {
+    #[serde(rename = "publicKey", default)]
+    public_key: Option<MachinePublic>,
+}
+
+/// `GET /key?v=<version>`: the control server's Noise public key.
+pub async fn fetch_control_key(url: &ControlUrl, version: u16) -> Result<MachinePublic, DialError> {
+    let mut s = connect(url).await?;
+    let req = format!(
+        "GET /key?v={version} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n\r\n",
+        url.host_header()
+    );
+    s.write_all(req.as_bytes()).await?;
+    s.flush().await?;
+    let (status, headers, mut body) = read_head(&mut s).await?;
+    while body.len() <= MAX_KEY_RESPONSE && s.read_buf(&mut body).await? > 0 {}
+    if body.len() > MAX_KEY_RESPONSE {
+        return Err(DialError::BadKey("response over 64 KiB".into()));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(&body)?
+    } else {
+        body.to_vec()
+    };
+    if status != 200 {
+        return Err(DialError::Http {
+            status,
+            body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+        });
+    }
+    let parsed: KeyResponse =
+        serde_json::from_slice(&body).map_err(|e| DialError::BadKey(e.to_string()))?;
+    match parsed.public_key {
+        Some(k) if !k.is_zero() => Ok(k),
+        _ => Err(DialError::BadKey(
+            "no publicKey (server too old for ts2021?)".into(),
+        )),
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, DialError> {
+    let bad = || DialError::BadKey("bad chunked encoding".into());
+    let mut out = Vec::new();
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
+        let size_str = std::str::from_utf8(&b[..line_end]).map_err(|_| bad())?;
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad())?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if b.len() < size + 2 {
+            return Err(bad());
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// A ts2021 connection and the server's early payload (JSON), if it sent one.
+#[derive(Debug)]
+pub struct ControlConn {
+    pub stream: NoiseStream<BoxStream>,
+    pub early_payload: Option<Vec<u8>>,
+}
+
+/// Upgrades to ts2021 as `machine`, expecting the control key `control`.
+pub async fn dial(
+    url: &ControlUrl,
+    machine: &MachinePrivate,
+    control: &MachinePublic,
+    version: u16,
+) -> Result<ControlConn, DialError> {
+    let (hs, init) = ClientHandshake::start(machine, control, version)?;
+    let mut s = connect(url).await?;
+    let req = format!(
+        "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUpgrade: tailscale-control-protocol\r\n\
+         Connection: upgrade\r\nX-Tailscale-Handshake: {}\r\nContent-Length: 0\r\n\r\n",
+        url.host_header(),
+        base64::engine::general_purpose::STANDARD.encode(init)
+    );
+    s.write_all(req.as_bytes()).await?;
+    s.flush().await?;
+    let (status, headers, mut rest) = read_head(&mut s).await?;
+    if status != 101 {
+        let mut body = rest.to_vec();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(1), s.read_to_end(&mut body)).await;
+        return Err(DialError::Http {
+            status,
+            body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+        });
+    }
+    let upgrade_ok = headers
+        .iter()
+        .any(|(n, v)| n == "upgrade" && v == "tailscale-control-protocol");
+    if !upgrade_ok {
+        return Err(DialError::Http {
+            status,
+            body: "101 without Upgrade: tailscale-control-protocol".into(),
+        });
+    }
+    while rest.len() < 3 {
+        if s.read_buf(&mut rest).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during the handshake",
+            )
+            .into());
+        }
+    }
+    // A type-3 message carries the server's reason for refusing.
+    let want = if rest[0] == 0x03 {
+        3 + u16::from_be_bytes([rest[1], rest[2]]) as usize
+    } else {
+        RESPONSE_LEN
+    };
+    while rest.len() < want {
+        if s.read_buf(&mut rest).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during the handshake",
+            )
+            .into());
+        }
+    }
+    let response = rest.split_to(want);
+    let transport = hs.finish(&response)?;
+    let mut stream = NoiseStream::new(s, transport, rest);
+    let early_payload = stream.read_early_payload().await?;
+    Ok(ControlConn {
+        stream,
+        early_payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_urls() {
+        let u: ControlUrl = "https://hs.example.com".parse().unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("hs.example.com", 443, true)
+        );
+        let u: ControlUrl = "http://127.0.0.1:8080/".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 8080, false));
+        assert_eq!(u.host_header(), "127.0.0.1:8080");
+        let u: ControlUrl = "http://[::1]:9".parse().unwrap();
+        assert_eq!(u.host_header(), "[::1]:9");
+        assert!("ftp://x".parse::<ControlUrl>().is_err());
+        assert!("http://".parse::<ControlUrl>().is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_decode() {
+        assert_eq!(
+            dechunk(b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\n\r\n").unwrap(),
+            b"Wikipedia"
+        );
+        assert!(dechunk(b"zz\r\n").is_err());
+    }
+}
