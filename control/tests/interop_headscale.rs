@@ -1,0 +1,135 @@
+//! The ts2021 transport against Headscale (pinned v0.29.0, built by `.ci/run` into a
+//! cache outside the repository). Skipped on a developer machine without it; fails under
+//! `CI=true`.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use control::dial::{dial, fetch_control_key, ControlUrl, DialError};
+use proto::MachinePrivate;
+
+fn headscale_bin() -> Option<PathBuf> {
+    let dir = std::env::var_os("AGENTD_TAILSCALE_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/agentd-interop/bin"))
+        })?;
+    let p = dir.join("headscale");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "headscale not found in {}: .ci/run builds it (github.com/juanfont/headscale v0.29.0)",
+        dir.display()
+    );
+    eprintln!("skipping: headscale not installed (see .ci/run)");
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Headscale on loopback ports, stopped on drop.
+struct Headscale {
+    child: std::process::Child,
+    url: ControlUrl,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Headscale {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_headscale(bin: &PathBuf) -> Headscale {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("derp.yaml"),
+        "regions:\n  900:\n    regionid: 900\n    regioncode: loc\n    regionname: Local\n    nodes:\n      - name: 900a\n        regionid: 900\n        hostname: localhost\n        ipv4: 127.0.0.1\n",
+    )
+    .unwrap();
+    let config = format!(
+        "server_url: http://127.0.0.1:{port}\nlisten_addr: 127.0.0.1:{port}\n\
+         metrics_listen_addr: 127.0.0.1:{}\ngrpc_listen_addr: 127.0.0.1:{}\n\
+         noise:\n  private_key_path: {d}/noise_private.key\n\
+         prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n\
+         derp:\n  server:\n    enabled: false\n  urls: []\n  paths:\n    - {d}/derp.yaml\n  auto_update_enabled: false\n\
+         disable_check_updates: true\n\
+         database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n\
+         dns:\n  magic_dns: false\n  base_domain: example.com\n  override_local_dns: false\n  nameservers:\n    global: []\n\
+         unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\n",
+        free_port(),
+        free_port()
+    );
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let child = Command::new(bin)
+        .args(["serve", "-c", cfg.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Headscale {
+        child,
+        url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn noise_handshake_and_early_payload_with_headscale() {
+    let Some(bin) = headscale_bin() else { return };
+    let hs = start_headscale(&bin).await;
+    // Headscale takes a moment to open its listener.
+    let t0 = Instant::now();
+    let control_key = loop {
+        match fetch_control_key(&hs.url, 113).await {
+            Ok(k) => break k,
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "headscale never answered /key: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let machine = MachinePrivate::generate();
+    let conn = dial(&hs.url, &machine, &control_key, 113).await.unwrap();
+    let early = conn
+        .early_payload
+        .expect("headscale sends an early payload");
+    let v: serde_json::Value = serde_json::from_slice(&early).unwrap();
+    assert!(
+        v["nodeKeyChallenge"]
+            .as_str()
+            .unwrap()
+            .starts_with("chalpub:"),
+        "{v}"
+    );
+
+    // A client below Headscale's minimum capability version is turned away.
+    let old = dial(&hs.url, &machine, &control_key, 100).await;
+    assert!(old.is_err(), "capability version 100 was accepted");
+
+    // The wrong control key cannot complete the handshake.
+    let wrong = MachinePrivate::generate().public();
+    match dial(&hs.url, &machine, &wrong, 113).await {
+        Err(DialError::Noise(_)) | Err(DialError::Http { .. }) | Err(DialError::Io(_)) => {}
+        other => panic!("handshake with the wrong control key: {other:?}"),
+    }
+}
