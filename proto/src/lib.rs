@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod nacl;
 pub mod relaymap;
+pub mod tailcfg;
 
 pub use keys::{
     DiscoPrivate, DiscoPublic, KeyParseError, MachinePrivate, MachinePublic, MeshKey, NodePrivate,
