@@ -67,6 +67,11 @@ impl FromStr for ControlUrl {
 }
 
 impl ControlUrl {
+    /// `host[:port]` as an HTTP authority (port omitted when it is the scheme's default).
+    pub fn authority(&self) -> String {
+        self.host_header()
+    }
+
     fn host_header(&self) -> String {
         let h = if self.host.contains(':') {
             format!("[{}]", self.host)

@@ -5,6 +5,7 @@
 //! bytes out) so they can be tested against known vectors and fuzzed. The control client
 //! and controld (feature `server`) build on them.
 
+pub mod client;
 pub mod dial;
 pub mod noise;
 pub mod record;

@@ -133,3 +133,109 @@ async fn noise_handshake_and_early_payload_with_headscale() {
         other => panic!("handshake with the wrong control key: {other:?}"),
     }
 }
+
+fn headscale_cli(bin: &PathBuf, hs: &Headscale, args: &[&str]) -> serde_json::Value {
+    let cfg = hs._dir.path().join("config.yaml");
+    let out = Command::new(bin)
+        .args(["-c", cfg.to_str().unwrap(), "-o", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "headscale {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "headscale {args:?} printed non-JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+async fn wait_for_key(hs: &Headscale) -> proto::MachinePublic {
+    let t0 = Instant::now();
+    loop {
+        match fetch_control_key(&hs.url, 113).await {
+            Ok(k) => return k,
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "headscale never answered /key: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn register_with_a_headscale_pre_auth_key() {
+    let Some(bin) = headscale_bin() else { return };
+    let hs = start_headscale(&bin).await;
+    let control_key = wait_for_key(&hs).await;
+    let user = headscale_cli(&bin, &hs, &["users", "create", "alice"]);
+    let user_id = user["id"].as_u64().unwrap().to_string();
+    let key = headscale_cli(
+        &bin,
+        &hs,
+        &[
+            "preauthkeys",
+            "create",
+            "--user",
+            &user_id,
+            "--reusable",
+            "--expiration",
+            "1h",
+        ],
+    );
+    let auth_key = key["key"].as_str().unwrap().to_string();
+
+    let machine = MachinePrivate::generate();
+    let node = proto::NodePrivate::generate();
+    let client = control::client::ControlClient::connect(&hs.url, &machine, &control_key, 113)
+        .await
+        .unwrap();
+    let req = proto::tailcfg::RegisterRequest {
+        version: 113,
+        node_key: node.public(),
+        auth: Some(proto::tailcfg::RegisterAuth { auth_key }),
+        hostinfo: Some(proto::tailcfg::Hostinfo {
+            hostname: "agentd-test".into(),
+            os: "linux".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let resp = client.register(&req).await.unwrap();
+    assert!(resp.machine_authorized, "{resp:?}");
+    assert!(resp.error.is_empty(), "{resp:?}");
+    assert!(resp.auth_url.is_empty());
+
+    // A made-up key is refused with a clear error, not a hang.
+    let other = proto::NodePrivate::generate();
+    let bad = proto::tailcfg::RegisterRequest {
+        node_key: other.public(),
+        auth: Some(proto::tailcfg::RegisterAuth {
+            auth_key: "hskey-auth-nonsense".into(),
+        }),
+        ..req.clone()
+    };
+    let machine2 = MachinePrivate::generate();
+    let client2 = control::client::ControlClient::connect(&hs.url, &machine2, &control_key, 113)
+        .await
+        .unwrap();
+    // Headscale answers 200 with the reason in `Error`.
+    let r = client2.register(&bad).await.unwrap();
+    assert!(!r.machine_authorized, "{r:?}");
+    assert!(r.error.contains("auth-key"), "{r:?}");
+    // The node shows up in headscale's own list.
+    let nodes = headscale_cli(&bin, &hs, &["nodes", "list"]);
+    let list = nodes.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{nodes}");
+    assert_eq!(
+        list[0]["node_key"].as_str().unwrap(),
+        node.public().to_string()
+    );
+}

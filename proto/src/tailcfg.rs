@@ -71,9 +71,17 @@ pub struct RegisterResponse {
 pub struct User {
     #[serde(rename = "ID", default)]
     pub id: i64,
-    #[serde(rename = "LoginName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "LoginName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub login_name: String,
-    #[serde(rename = "DisplayName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "DisplayName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub display_name: String,
 }
 
@@ -81,16 +89,28 @@ pub struct User {
 pub struct Login {
     #[serde(rename = "ID", default)]
     pub id: i64,
-    #[serde(rename = "LoginName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "LoginName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub login_name: String,
-    #[serde(rename = "DisplayName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "DisplayName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub display_name: String,
 }
 
 /// `Hostinfo`: what a node says about itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hostinfo {
-    #[serde(rename = "IPNVersion", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "IPNVersion",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub ipn_version: String,
     #[serde(rename = "OS", default, skip_serializing_if = "String::is_empty")]
     pub os: String,
