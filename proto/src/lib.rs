@@ -7,6 +7,7 @@
 
 pub mod keys;
 pub mod nacl;
+pub mod netmap;
 pub mod relaymap;
 pub mod tailcfg;
 

@@ -162,3 +162,185 @@ mod tests {
         assert!(r.auth_url.is_empty());
     }
 }
+
+/// `MapRequest`, sent to `POST /machine/map`: a streaming poll (`Stream: true`) or a
+/// "lite" update of endpoints, home region or disco key (`Stream: false, OmitPeers: true`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapRequest {
+    #[serde(rename = "Version", default)]
+    pub version: u32,
+    /// `"zstd"` to receive compressed messages, empty for raw JSON.
+    #[serde(rename = "Compress", default, skip_serializing_if = "String::is_empty")]
+    pub compress: String,
+    #[serde(rename = "KeepAlive", default, skip_serializing_if = "is_false")]
+    pub keep_alive: bool,
+    #[serde(rename = "NodeKey", default)]
+    pub node_key: NodePublic,
+    #[serde(rename = "DiscoKey", default)]
+    pub disco_key: crate::keys::DiscoPublic,
+    #[serde(rename = "Stream", default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+    #[serde(rename = "Hostinfo", default, skip_serializing_if = "Option::is_none")]
+    pub hostinfo: Option<Hostinfo>,
+    /// `ip:port` strings.
+    #[serde(rename = "Endpoints", default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Parallel to `endpoints`: 1 local, 2 STUN, 3 port-mapped, 4 STUN-v4 + local port, 5 explicit.
+    #[serde(
+        rename = "EndpointTypes",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub endpoint_types: Vec<i32>,
+    #[serde(rename = "OmitPeers", default, skip_serializing_if = "is_false")]
+    pub omit_peers: bool,
+}
+
+/// A node of the network as the control server describes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    #[serde(rename = "ID", default)]
+    pub id: i64,
+    #[serde(rename = "StableID", default, skip_serializing_if = "String::is_empty")]
+    pub stable_id: String,
+    /// FQDN with a trailing dot.
+    #[serde(rename = "Name", default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(rename = "User", default)]
+    pub user: i64,
+    #[serde(rename = "Key", default)]
+    pub key: NodePublic,
+    #[serde(rename = "KeyExpiry", default, skip_serializing_if = "Option::is_none")]
+    pub key_expiry: Option<String>,
+    #[serde(rename = "Machine", default)]
+    pub machine: crate::keys::MachinePublic,
+    /// Absent: the node does not speak disco.
+    #[serde(rename = "DiscoKey", default, skip_serializing_if = "Option::is_none")]
+    pub disco_key: Option<crate::keys::DiscoPublic>,
+    /// CIDRs such as `100.64.0.5/32`.
+    #[serde(rename = "Addresses", default)]
+    pub addresses: Vec<String>,
+    /// Routes to this node; `None` (JSON null or absent) means the same as `Addresses`.
+    #[serde(rename = "AllowedIPs", default)]
+    pub allowed_ips: Option<Vec<String>>,
+    #[serde(rename = "Endpoints", default)]
+    pub endpoints: Vec<String>,
+    /// Home relay region (capability version ≥ 111).
+    #[serde(rename = "HomeDERP", default, skip_serializing_if = "is_zero_i32")]
+    pub home_derp: i32,
+    /// Legacy form of the home region: `"127.3.3.40:<region>"`.
+    #[serde(rename = "DERP", default, skip_serializing_if = "String::is_empty")]
+    pub legacy_derp: String,
+    #[serde(rename = "Hostinfo", default, skip_serializing_if = "Option::is_none")]
+    pub hostinfo: Option<Hostinfo>,
+    #[serde(rename = "Cap", default, skip_serializing_if = "is_zero_i32")]
+    pub cap: i32,
+    #[serde(rename = "Online", default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+    #[serde(rename = "LastSeen", default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    #[serde(
+        rename = "MachineAuthorized",
+        default,
+        skip_serializing_if = "is_false"
+    )]
+    pub machine_authorized: bool,
+    #[serde(rename = "Expired", default, skip_serializing_if = "is_false")]
+    pub expired: bool,
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
+impl Node {
+    /// The home region from `HomeDERP`, else from the legacy `DERP` string; 0 if neither.
+    pub fn home_region(&self) -> i32 {
+        if self.home_derp != 0 {
+            return self.home_derp;
+        }
+        self.legacy_derp
+            .strip_prefix("127.3.3.40:")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `AllowedIPs`, or `Addresses` when the server sent null.
+    pub fn routes(&self) -> &[String] {
+        self.allowed_ips.as_deref().unwrap_or(&self.addresses)
+    }
+}
+
+/// `PeerChange`: a partial update of one peer (`PeersChangedPatch`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerChange {
+    #[serde(rename = "NodeID", default)]
+    pub node_id: i64,
+    #[serde(
+        rename = "DERPRegion",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub derp_region: Option<i32>,
+    #[serde(rename = "Cap", default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<i32>,
+    #[serde(rename = "Endpoints", default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
+    #[serde(rename = "Key", default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<NodePublic>,
+    #[serde(rename = "DiscoKey", default, skip_serializing_if = "Option::is_none")]
+    pub disco_key: Option<crate::keys::DiscoPublic>,
+    #[serde(rename = "Online", default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+    #[serde(rename = "LastSeen", default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    #[serde(rename = "KeyExpiry", default, skip_serializing_if = "Option::is_none")]
+    pub key_expiry: Option<String>,
+}
+
+/// One message of the map stream. `None`/empty fields mean "unchanged".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapResponse {
+    #[serde(rename = "KeepAlive", default, skip_serializing_if = "is_false")]
+    pub keep_alive: bool,
+    #[serde(rename = "Node", default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Node>,
+    #[serde(rename = "DERPMap", default, skip_serializing_if = "Option::is_none")]
+    pub derp_map: Option<crate::relaymap::RelayMap>,
+    /// Non-empty: the complete peer list, replacing the previous one.
+    #[serde(rename = "Peers", default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<Node>,
+    #[serde(
+        rename = "PeersChanged",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub peers_changed: Vec<Node>,
+    #[serde(
+        rename = "PeersRemoved",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub peers_removed: Vec<i64>,
+    #[serde(
+        rename = "PeersChangedPatch",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub peers_changed_patch: Vec<PeerChange>,
+    #[serde(
+        rename = "OnlineChange",
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty"
+    )]
+    pub online_change: std::collections::BTreeMap<i64, bool>,
+    /// Kept as raw JSON: null/absent = unchanged, `[]` = deny all.
+    #[serde(
+        rename = "PacketFilter",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub packet_filter: Option<serde_json::Value>,
+    #[serde(rename = "Domain", default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+}
