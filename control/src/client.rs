@@ -7,7 +7,14 @@ use proto::{MachinePrivate, MachinePublic, NodePublic};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use proto::tailcfg::{MapRequest, MapResponse};
+use tokio::sync::mpsc;
+
 use crate::dial::{dial, ControlUrl, DialError};
+use crate::mapframe;
+
+/// A map stream with no message (keep-alives included) for this long is dead.
+pub const MAP_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Largest response body read.
 const MAX_BODY: usize = 1 << 20;
@@ -27,6 +34,8 @@ pub enum ClientError {
         status: u16,
         body: String,
     },
+    #[error("no map message from the control server for {0:?}")]
+    Silent(std::time::Duration),
     #[error("control server's answer to {path} is not valid: {why}")]
     BadBody { path: String, why: String },
 }
@@ -77,13 +86,13 @@ impl ControlClient {
         })
     }
 
-    /// POSTs `body` as JSON to `path`; returns the raw 200 answer.
-    pub async fn post<T: Serialize>(
+    /// POSTs `body` as JSON to `path`; returns the status and the body stream.
+    async fn send<T: Serialize>(
         &self,
         path: &str,
         body: &T,
         node_key: Option<&NodePublic>,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<(u16, h2::RecvStream), ClientError> {
         let json = serde_json::to_vec(body).map_err(|e| ClientError::BadBody {
             path: path.to_string(),
             why: e.to_string(),
@@ -98,8 +107,17 @@ impl ControlClient {
         let (response, mut stream) = send.send_request(req, false)?;
         stream.send_data(Bytes::from(json), true)?;
         let response = response.await?;
-        let status = response.status().as_u16();
-        let mut body = response.into_body();
+        Ok((response.status().as_u16(), response.into_body()))
+    }
+
+    /// POSTs `body` as JSON to `path`; returns the raw 200 answer.
+    pub async fn post<T: Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+        node_key: Option<&NodePublic>,
+    ) -> Result<Bytes, ClientError> {
+        let (status, mut body) = self.send(path, body, node_key).await?;
         let mut out = BytesMut::new();
         while let Some(chunk) = body.data().await {
             let chunk = chunk?;
@@ -122,9 +140,118 @@ impl ControlClient {
         Ok(out.freeze())
     }
 
+    /// Starts a streaming map poll (`req.stream` should be true). Messages arrive in order
+    /// on the returned stream; it ends with an error when the server goes silent for
+    /// [`MAP_WATCHDOG`] or the connection breaks.
+    pub async fn map_stream(&self, req: &MapRequest) -> Result<MapStream, ClientError> {
+        const PATH: &str = "/machine/map";
+        let (status, mut body) = self.send(PATH, req, Some(&req.node_key)).await?;
+        if status != 200 {
+            let mut out = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                out.extend_from_slice(&chunk);
+                if out.len() > 4096 {
+                    break;
+                }
+            }
+            return Err(ClientError::Status {
+                path: PATH.into(),
+                status,
+                body: String::from_utf8_lossy(&out).chars().take(300).collect(),
+            });
+        }
+        let zstd = req.compress == "zstd";
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(async move {
+            let bad = |why: String| ClientError::BadBody {
+                path: PATH.into(),
+                why,
+            };
+            let mut buf = BytesMut::new();
+            loop {
+                let chunk = match tokio::time::timeout(MAP_WATCHDOG, body.data()).await {
+                    Err(_) => {
+                        let _ = tx.send(Err(ClientError::Silent(MAP_WATCHDOG))).await;
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Err(bad("map stream ended".into()))).await;
+                        return;
+                    }
+                    Ok(Some(Err(e))) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Ok(Some(Ok(c))) => c,
+                };
+                let _ = body.flow_control().release_capacity(chunk.len());
+                buf.extend_from_slice(&chunk);
+                loop {
+                    let msg = match mapframe::decode(&mut buf) {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx.send(Err(bad(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    let json = if zstd {
+                        match mapframe::decompress(&msg) {
+                            Ok(j) => j,
+                            Err(e) => {
+                                let _ = tx.send(Err(bad(e.to_string()))).await;
+                                return;
+                            }
+                        }
+                    } else {
+                        msg.to_vec()
+                    };
+                    let item = serde_json::from_slice::<MapResponse>(&json)
+                        .map_err(|e| bad(format!("map message is not valid JSON: {e}")));
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(MapStream { rx, task })
+    }
+
+    /// A non-streaming "lite" map request that only updates the server's view of this
+    /// node (endpoints, home region, disco key): `Stream: false, OmitPeers: true`.
+    pub async fn lite_update(&self, req: &MapRequest) -> Result<(), ClientError> {
+        let mut req = req.clone();
+        req.stream = false;
+        req.omit_peers = true;
+        self.post("/machine/map", &req, Some(&req.node_key))
+            .await
+            .map(|_| ())
+    }
+
     /// `POST /machine/register`.
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
         self.post_json("/machine/register", req, Some(&req.node_key))
             .await
+    }
+}
+
+/// The messages of a streaming map poll. Dropping it ends the poll.
+#[derive(Debug)]
+pub struct MapStream {
+    rx: mpsc::Receiver<Result<MapResponse, ClientError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MapStream {
+    /// The next message; an error ends the stream.
+    pub async fn next(&mut self) -> Option<Result<MapResponse, ClientError>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for MapStream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

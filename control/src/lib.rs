@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod dial;
+pub mod mapframe;
 pub mod noise;
 pub mod record;
 pub mod stream;

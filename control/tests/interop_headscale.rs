@@ -239,3 +239,145 @@ async fn register_with_a_headscale_pre_auth_key() {
         node.public().to_string()
     );
 }
+
+struct TestNode {
+    node: proto::NodePrivate,
+    disco: proto::DiscoPrivate,
+    client: control::client::ControlClient,
+    req: proto::tailcfg::MapRequest,
+}
+
+async fn join(
+    hs: &Headscale,
+    control_key: &proto::MachinePublic,
+    auth_key: &str,
+    endpoint: &str,
+) -> TestNode {
+    let machine = MachinePrivate::generate();
+    let node = proto::NodePrivate::generate();
+    let disco = proto::DiscoPrivate::generate();
+    let client = control::client::ControlClient::connect(&hs.url, &machine, control_key, 113)
+        .await
+        .unwrap();
+    let hostinfo = proto::tailcfg::Hostinfo {
+        hostname: format!("n-{}", &node.public().untyped_hex()[..6]),
+        os: "linux".into(),
+        net_info: Some(proto::tailcfg::NetInfo {
+            preferred_derp: 900,
+        }),
+        ..Default::default()
+    };
+    let resp = client
+        .register(&proto::tailcfg::RegisterRequest {
+            version: 113,
+            node_key: node.public(),
+            auth: Some(proto::tailcfg::RegisterAuth {
+                auth_key: auth_key.into(),
+            }),
+            hostinfo: Some(hostinfo.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(resp.machine_authorized, "{resp:?}");
+    let req = proto::tailcfg::MapRequest {
+        version: 113,
+        compress: "zstd".into(),
+        keep_alive: true,
+        node_key: node.public(),
+        disco_key: disco.public(),
+        stream: true,
+        hostinfo: Some(hostinfo),
+        endpoints: vec![endpoint.into()],
+        endpoint_types: vec![2],
+        omit_peers: false,
+    };
+    TestNode {
+        node,
+        disco,
+        client,
+        req,
+    }
+}
+
+/// Applies map messages until `pred` holds for the netmap.
+async fn until(
+    stream: &mut control::client::MapStream,
+    nm: &mut proto::netmap::NetMap,
+    pred: impl Fn(&proto::netmap::NetMap) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !pred(nm) {
+            let msg = stream
+                .next()
+                .await
+                .expect("stream open")
+                .expect("valid map message");
+            nm.apply(msg);
+        }
+    })
+    .await
+    .expect("netmap reached the expected state in time");
+}
+
+#[tokio::test]
+async fn two_nodes_stream_each_other_and_endpoint_changes_through_headscale() {
+    let Some(bin) = headscale_bin() else { return };
+    let hs = start_headscale(&bin).await;
+    let control_key = wait_for_key(&hs).await;
+    let user = headscale_cli(&bin, &hs, &["users", "create", "bob"]);
+    let user_id = user["id"].as_u64().unwrap().to_string();
+    let key = headscale_cli(
+        &bin,
+        &hs,
+        &["preauthkeys", "create", "--user", &user_id, "--reusable"],
+    );
+    let auth_key = key["key"].as_str().unwrap().to_string();
+
+    let a = join(&hs, &control_key, &auth_key, "192.0.2.1:41641").await;
+    let b = join(&hs, &control_key, &auth_key, "192.0.2.2:41641").await;
+    let mut sa = a.client.map_stream(&a.req).await.unwrap();
+    let mut sb = b.client.map_stream(&b.req).await.unwrap();
+    let (mut na, mut nb) = (
+        proto::netmap::NetMap::default(),
+        proto::netmap::NetMap::default(),
+    );
+    let (ka, kb) = (a.node.public(), b.node.public());
+    until(&mut sa, &mut na, |nm| {
+        nm.self_node.is_some() && nm.peer_by_key(&kb).is_some()
+    })
+    .await;
+    until(&mut sb, &mut nb, |nm| {
+        nm.peer_by_key(&ka).is_some_and(|p| !p.endpoints.is_empty())
+    })
+    .await;
+
+    let self_a = na.self_node.as_ref().unwrap();
+    assert!(
+        self_a.addresses.iter().any(|a| a.starts_with("100.64.")),
+        "{self_a:?}"
+    );
+    assert!(na
+        .relay_map
+        .as_ref()
+        .is_some_and(|m| m.regions.contains_key(&900)));
+    let peer_a = nb.peer_by_key(&ka).unwrap();
+    assert_eq!(peer_a.addresses, self_a.addresses);
+    assert_eq!(peer_a.endpoints, vec!["192.0.2.1:41641".to_string()]);
+    assert_eq!(peer_a.disco_key, Some(a.disco.public()));
+    assert_eq!(peer_a.home_region(), 900);
+    assert_eq!(peer_a.routes(), &peer_a.addresses[..]);
+
+    // A lite request with a new endpoint reaches the other node's stream.
+    let mut moved = a.req.clone();
+    moved.endpoints = vec!["198.51.100.7:1234".into()];
+    let t0 = Instant::now();
+    a.client.lite_update(&moved).await.unwrap();
+    until(&mut sb, &mut nb, |nm| {
+        nm.peer_by_key(&ka)
+            .is_some_and(|p| p.endpoints == vec!["198.51.100.7:1234".to_string()])
+    })
+    .await;
+    eprintln!("endpoint change reached the peer in {:?}", t0.elapsed());
+    drop(b);
+}

@@ -118,6 +118,16 @@ pub struct Hostinfo {
     pub hostname: String,
     #[serde(rename = "GoArch", default, skip_serializing_if = "String::is_empty")]
     pub arch: String,
+    #[serde(rename = "NetInfo", default, skip_serializing_if = "Option::is_none")]
+    pub net_info: Option<NetInfo>,
+}
+
+/// `Hostinfo.NetInfo`: what the node measured about its network.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetInfo {
+    /// The home relay region (lowest latency, with hysteresis).
+    #[serde(rename = "PreferredDERP", default, skip_serializing_if = "is_zero_i32")]
+    pub preferred_derp: i32,
 }
 
 #[cfg(test)]
