@@ -11,3 +11,6 @@ pub mod mapframe;
 pub mod noise;
 pub mod record;
 pub mod stream;
+
+#[cfg(feature = "server")]
+pub mod server;

@@ -1,0 +1,3 @@
+//! controld, the coordination server (feature `server`).
+
+pub mod store;
