@@ -1,3 +1,4 @@
 //! controld, the coordination server (feature `server`).
 
+pub mod mapper;
 pub mod store;
