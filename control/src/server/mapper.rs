@@ -75,7 +75,7 @@ pub fn allow_all_filter() -> serde_json::Value {
 }
 
 /// The peers `self_id` may see: every other node that has not expired.
-fn visible_peers<'a>(snap: &'a Snapshot, self_id: i64) -> impl Iterator<Item = &'a NodeRecord> {
+fn visible_peers(snap: &Snapshot, self_id: i64) -> impl Iterator<Item = &NodeRecord> {
     snap.nodes
         .values()
         .filter(move |n| n.id != self_id && !n.is_expired(snap.now))
