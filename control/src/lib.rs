@@ -10,6 +10,7 @@ pub mod dial;
 pub mod mapframe;
 pub mod noise;
 pub mod record;
+pub mod session;
 pub mod stream;
 
 #[cfg(feature = "server")]

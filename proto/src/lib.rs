@@ -2,13 +2,15 @@
 //!
 //! This crate holds values, not behaviour: the key types with their text forms
 //! (`nodekey:…`, `discokey:…`, `mkey:…`, `privkey:…`), the NaCl box used by DERP and
-//! disco, and the relay map (DERPMap) with Tailscale's JSON field names. It does no I/O
-//! apart from [`RelayMap::load`], which reads a file.
+//! disco, the relay map (DERPMap) and the control-protocol messages with Tailscale's JSON
+//! field names, and the merged network map. Its only I/O is reading a relay-map file
+//! ([`RelayMap::load`]) and private-key files ([`secretfile`]).
 
 pub mod keys;
 pub mod nacl;
 pub mod netmap;
 pub mod relaymap;
+pub mod secretfile;
 pub mod tailcfg;
 
 pub use keys::{

@@ -365,57 +365,13 @@ pub fn tls_server_config(
     Ok(Arc::new(config))
 }
 
-#[derive(Serialize, Deserialize)]
-struct KeyFile {
-    #[serde(rename = "PrivateKey")]
-    private_key: NodePrivate,
-}
-
 /// Reads the server key, or creates it (mode 0600, written atomically) if missing.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<NodePrivate> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let kf: KeyFile = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "key file {} is not valid (expected {{\"PrivateKey\":\"privkey:…\"}})",
-                    path.display()
-                )
-            })?;
-            Ok(kf.private_key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = NodePrivate::generate();
-            let json = serde_json::to_vec_pretty(&KeyFile {
-                private_key: key.clone(),
-            })?;
-            write_private_file(path, &json)
-                .with_context(|| format!("cannot create key file {}", path.display()))?;
-            tracing::info!(path = %path.display(), "created a new server key");
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot read key file {}", path.display())),
+    let (key, created) = proto::secretfile::load_or_create(path, NodePrivate::generate)?;
+    if created {
+        tracing::info!(path = %path.display(), "created a new server key");
     }
-}
-
-/// Writes `data` to `path` with mode 0600 via a temporary file and a rename.
-fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -1,0 +1,241 @@
+//! A control session kept alive in the background: register, stream the map, publish the
+//! merged [`NetMap`] on a watch channel, push endpoint changes with lite requests, and on
+//! any failure reconnect with capped, jittered backoff. The auth key is only needed until
+//! the first successful registration; after that the machine key identifies the node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::netmap::NetMap;
+use proto::tailcfg::{Hostinfo, MapRequest, RegisterAuth, RegisterRequest};
+use proto::{DiscoPublic, MachinePrivate, NodePrivate};
+use rand::Rng as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::client::ControlClient;
+use crate::dial::{fetch_control_key, ControlUrl};
+
+/// Settings of a [`ControlSession`].
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub url: ControlUrl,
+    pub machine: MachinePrivate,
+    pub node: NodePrivate,
+    pub disco: DiscoPublic,
+    pub hostinfo: Hostinfo,
+    pub endpoints: Vec<String>,
+    /// Needed for the first registration only.
+    pub auth_key: Option<String>,
+    pub version: u16,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The session's state, as a person would want to see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    Connecting,
+    /// Streaming the map.
+    Connected,
+    /// The last attempt failed; retrying.
+    Retrying {
+        error: String,
+    },
+    /// The server refused the registration; retrying will not help without a new key.
+    Refused {
+        reason: String,
+    },
+}
+
+enum Cmd {
+    Endpoints(Vec<String>),
+}
+
+/// Handle to a background control session. Dropping it stops the session.
+#[derive(Debug)]
+pub struct ControlSession {
+    cmds: mpsc::Sender<Cmd>,
+    pub netmap: watch::Receiver<Option<Arc<NetMap>>>,
+    pub state: watch::Receiver<SessionState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ControlSession {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ControlSession {
+    pub fn spawn(config: SessionConfig) -> ControlSession {
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let (nm_tx, nm_rx) = watch::channel(None);
+        let (st_tx, st_rx) = watch::channel(SessionState::Connecting);
+        let task = tokio::spawn(run(config, cmd_rx, nm_tx, st_tx));
+        ControlSession {
+            cmds: cmd_tx,
+            netmap: nm_rx,
+            state: st_rx,
+            task,
+        }
+    }
+
+    /// Reports new endpoints to the control server (now if connected, else on reconnect).
+    pub async fn set_endpoints(&self, endpoints: Vec<String>) {
+        let _ = self.cmds.send(Cmd::Endpoints(endpoints)).await;
+    }
+}
+
+async fn run(
+    mut cfg: SessionConfig,
+    mut cmds: mpsc::Receiver<Cmd>,
+    netmap: watch::Sender<Option<Arc<NetMap>>>,
+    state: watch::Sender<SessionState>,
+) {
+    let mut failures = 0u32;
+    loop {
+        state.send_replace(SessionState::Connecting);
+        let outcome = session_once(&mut cfg, &mut cmds, &netmap, &state).await;
+        let refused = match outcome {
+            Outcome::Stopped => return,
+            Outcome::Refused(reason) => {
+                tracing::warn!(%reason, "control server refused this node");
+                state.send_replace(SessionState::Refused { reason });
+                true
+            }
+            Outcome::Failed {
+                error,
+                was_connected,
+            } => {
+                if was_connected {
+                    failures = 0;
+                }
+                tracing::info!(%error, "control session lost; reconnecting");
+                state.send_replace(SessionState::Retrying { error });
+                false
+            }
+        };
+        let exp = failures.min(20);
+        failures = failures.saturating_add(1);
+        let full = cfg
+            .backoff_min
+            .saturating_mul(1 << exp)
+            .min(cfg.backoff_max);
+        let mut delay = full.mul_f64(0.5 + 0.5 * rand::thread_rng().gen::<f64>());
+        if refused {
+            delay = cfg.backoff_max;
+        }
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(Cmd::Endpoints(e)) => cfg.endpoints = e,
+                },
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Stopped,
+    Refused(String),
+    Failed { error: String, was_connected: bool },
+}
+
+fn map_request(cfg: &SessionConfig) -> MapRequest {
+    MapRequest {
+        version: u32::from(cfg.version),
+        compress: "zstd".into(),
+        keep_alive: true,
+        node_key: cfg.node.public(),
+        disco_key: cfg.disco,
+        stream: true,
+        hostinfo: Some(cfg.hostinfo.clone()),
+        endpoint_types: vec![2; cfg.endpoints.len()],
+        endpoints: cfg.endpoints.clone(),
+        omit_peers: false,
+    }
+}
+
+async fn session_once(
+    cfg: &mut SessionConfig,
+    cmds: &mut mpsc::Receiver<Cmd>,
+    netmap: &watch::Sender<Option<Arc<NetMap>>>,
+    state: &watch::Sender<SessionState>,
+) -> Outcome {
+    let failed = |e: String| Outcome::Failed {
+        error: e,
+        was_connected: false,
+    };
+    let control_key = match fetch_control_key(&cfg.url, cfg.version).await {
+        Ok(k) => k,
+        Err(e) => return failed(e.to_string()),
+    };
+    let client =
+        match ControlClient::connect(&cfg.url, &cfg.machine, &control_key, cfg.version).await {
+            Ok(c) => c,
+            Err(e) => return failed(e.to_string()),
+        };
+    let reg = RegisterRequest {
+        version: u32::from(cfg.version),
+        node_key: cfg.node.public(),
+        auth: cfg
+            .auth_key
+            .clone()
+            .map(|auth_key| RegisterAuth { auth_key }),
+        hostinfo: Some(cfg.hostinfo.clone()),
+        ..Default::default()
+    };
+    match client.register(&reg).await {
+        Ok(r) if r.machine_authorized => {
+            // Registered: from now on the machine key is enough.
+            cfg.auth_key = None;
+        }
+        Ok(r) if !r.auth_url.is_empty() => {
+            return Outcome::Refused(format!("interactive login required: open {}", r.auth_url));
+        }
+        Ok(r) => {
+            return Outcome::Refused(if r.error.is_empty() {
+                "not authorized".into()
+            } else {
+                r.error
+            })
+        }
+        Err(e) => return failed(e.to_string()),
+    }
+    let mut stream = match client.map_stream(&map_request(cfg)).await {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string()),
+    };
+    let mut nm = NetMap::default();
+    let mut connected = false;
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(m)) => {
+                    if nm.apply(m) || !connected {
+                        netmap.send_replace(Some(Arc::new(nm.clone())));
+                    }
+                    if !connected {
+                        connected = true;
+                        state.send_replace(SessionState::Connected);
+                    }
+                }
+                Some(Err(e)) => return Outcome::Failed { error: e.to_string(), was_connected: connected },
+                None => return Outcome::Failed { error: "map stream ended".into(), was_connected: connected },
+            },
+            cmd = cmds.recv() => match cmd {
+                None => return Outcome::Stopped,
+                Some(Cmd::Endpoints(e)) => {
+                    cfg.endpoints = e;
+                    if let Err(e) = client.lite_update(&map_request(cfg)).await {
+                        return Outcome::Failed { error: e.to_string(), was_connected: connected };
+                    }
+                }
+            },
+        }
+    }
+}

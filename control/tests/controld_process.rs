@@ -1,0 +1,202 @@
+//! The controld binary: admin commands on its database, serving real clients, and a
+//! restart that clients ride out by themselves.
+
+#![allow(clippy::unwrap_used)] // test code
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control::session::{ControlSession, SessionConfig, SessionState};
+use proto::netmap::NetMap;
+use proto::tailcfg::{Hostinfo, NetInfo};
+use proto::{DiscoPrivate, MachinePrivate, NodePrivate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_controld");
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cli(db: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "controld {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn serve(db: &Path, map: &Path, port: u16) -> Child {
+    Child(
+        Command::new(BIN)
+            .arg("--db")
+            .arg(db)
+            .args([
+                "serve",
+                "--dev",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--relay-map",
+            ])
+            .arg(map)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn session(port: u16, key: &str) -> (NodePrivate, ControlSession) {
+    let node = NodePrivate::generate();
+    let cfg = SessionConfig {
+        url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+        machine: MachinePrivate::generate(),
+        node: node.clone(),
+        disco: DiscoPrivate::generate().public(),
+        hostinfo: Hostinfo {
+            hostname: format!("d{}", &node.public().untyped_hex()[..4]),
+            os: "linux".into(),
+            net_info: Some(NetInfo {
+                preferred_derp: 900,
+            }),
+            ..Default::default()
+        },
+        endpoints: vec!["192.0.2.1:41641".into()],
+        auth_key: Some(key.into()),
+        version: 113,
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    };
+    (node, ControlSession::spawn(cfg))
+}
+
+async fn wait_netmap(
+    s: &mut ControlSession,
+    within: Duration,
+    pred: impl Fn(&NetMap) -> bool,
+) -> Arc<NetMap> {
+    tokio::time::timeout(within, async {
+        loop {
+            if let Some(nm) = s.netmap.borrow_and_update().clone() {
+                if pred(&nm) {
+                    return nm;
+                }
+            }
+            s.netmap.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "netmap not as expected within {within:?}; state {:?}",
+            *s.state.borrow()
+        )
+    })
+}
+
+#[tokio::test]
+async fn admin_commands_serve_restart_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("controld.db");
+    let map = dir.path().join("relaymap.json");
+    std::fs::write(&map, r#"{"Regions":{"900":{"RegionID":900,"RegionCode":"loc","Nodes":[{"Name":"900a","RegionID":900,"HostName":"localhost"}]}}}"#).unwrap();
+    assert!(cli(&db, &["users", "create", "alice"]).contains("alice"));
+    let key = cli(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--user",
+            "alice",
+            "--reusable",
+            "--expiration",
+            "1h",
+        ],
+    )
+    .trim()
+    .to_string();
+    assert!(key.starts_with("agentd-auth-"), "{key}");
+    let listing = cli(&db, &["keys", "list"]);
+    assert!(
+        !listing.contains(&key),
+        "keys list must not show the full key"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = serve(&db, &map, port);
+    let (ka, mut a) = session(port, &key);
+    let (kb, mut b) = session(port, &key);
+    let (pa, pb) = (ka.public(), kb.public());
+    let na = wait_netmap(&mut a, Duration::from_secs(15), |nm| {
+        nm.peer_by_key(&pb).is_some()
+    })
+    .await;
+    wait_netmap(&mut b, Duration::from_secs(5), |nm| {
+        nm.peer_by_key(&pa).is_some()
+    })
+    .await;
+    let addrs_a = na.self_node.as_ref().unwrap().addresses.clone();
+    let nodes = cli(&db, &["nodes", "list"]);
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
+
+    // Restart: the sessions notice, reconnect by themselves, keep their addresses.
+    drop(server);
+    let t0 = Instant::now();
+    while *a.state.borrow() == SessionState::Connected {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "session did not notice the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _server = serve(&db, &map, port);
+    let t0 = Instant::now();
+    while *a.state.borrow() != SessionState::Connected
+        || *b.state.borrow() != SessionState::Connected
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "sessions did not reconnect: {:?}",
+            *a.state.borrow()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let na = wait_netmap(&mut a, Duration::from_secs(5), |nm| {
+        nm.peer_by_key(&pb).is_some()
+    })
+    .await;
+    assert_eq!(
+        na.self_node.as_ref().unwrap().addresses,
+        addrs_a,
+        "addresses changed across a restart"
+    );
+
+    // Deleting b from the command line while the server runs removes it from a's map.
+    let id_b = cli(&db, &["nodes", "list"])
+        .lines()
+        .find(|l| l.contains(&pb.short()))
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap();
+    cli(&db, &["nodes", "delete", &id_b]);
+    wait_netmap(&mut a, Duration::from_secs(2), |nm| {
+        nm.peer_by_key(&pb).is_none()
+    })
+    .await;
+}
