@@ -9,13 +9,60 @@ use proto::tailcfg::{Hostinfo, MapResponse, Node};
 
 use super::store::NodeRecord;
 
-/// The registry at one moment: every node and which ones are streaming now.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The registry at one moment: every node, which ones are streaming now, and their wire
+/// form (built once per snapshot, shared by every stream).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
+    pub version: u64,
+    /// The version this one was built from; `changed` is relative to it.
+    pub prev_version: u64,
     pub nodes: BTreeMap<i64, NodeRecord>,
     pub online: BTreeSet<i64>,
     /// Unix seconds when it was taken (decides expiry).
     pub now: i64,
+    pub wire: BTreeMap<i64, Node>,
+    /// IDs whose wire form differs from the previous snapshot (added and removed too).
+    pub changed: BTreeSet<i64>,
+}
+
+impl Snapshot {
+    /// Builds the next snapshot after `prev`.
+    pub fn build(
+        nodes: BTreeMap<i64, NodeRecord>,
+        online: BTreeSet<i64>,
+        now: i64,
+        domain: &str,
+        prev: &Snapshot,
+    ) -> Snapshot {
+        let mut snap = Snapshot {
+            version: prev.version + 1,
+            prev_version: prev.version,
+            nodes,
+            online,
+            now,
+            wire: BTreeMap::new(),
+            changed: BTreeSet::new(),
+        };
+        let wire: BTreeMap<i64, Node> = snap
+            .nodes
+            .values()
+            .map(|n| (n.id, to_node(n, &snap, domain)))
+            .collect();
+        let mut changed: BTreeSet<i64> = wire
+            .iter()
+            .filter(|(id, n)| prev.wire.get(id) != Some(n))
+            .map(|(id, _)| *id)
+            .collect();
+        changed.extend(prev.wire.keys().filter(|id| !wire.contains_key(id)));
+        snap.wire = wire;
+        snap.changed = changed;
+        snap
+    }
+
+    /// Whether nothing a node can see differs from `prev`.
+    pub fn same_as(&self, prev: &Snapshot) -> bool {
+        self.changed.is_empty() && self.wire.len() == prev.wire.len()
+    }
 }
 
 /// Settings that shape every node's view.
@@ -74,21 +121,22 @@ pub fn allow_all_filter() -> serde_json::Value {
     }])
 }
 
-/// The peers `self_id` may see: every other node that has not expired.
-fn visible_peers(snap: &Snapshot, self_id: i64) -> impl Iterator<Item = &NodeRecord> {
-    snap.nodes
-        .values()
-        .filter(move |n| n.id != self_id && !n.is_expired(snap.now))
+/// Whether `self_id` may see node `n` in `snap` (every other node that has not expired).
+fn visible(snap: &Snapshot, self_id: i64, n: &Node) -> bool {
+    n.id != self_id && !n.expired && snap.nodes.contains_key(&n.id)
 }
 
 /// The first message of a stream: self, relay map, all peers, packet filter.
 pub fn full_map(snap: &Snapshot, self_id: i64, settings: &MapSettings) -> Option<MapResponse> {
-    let me = snap.nodes.get(&self_id)?;
-    let peers: Vec<Node> = visible_peers(snap, self_id)
-        .map(|n| to_node(n, snap, &settings.domain))
+    let me = snap.wire.get(&self_id)?.clone();
+    let peers: Vec<Node> = snap
+        .wire
+        .values()
+        .filter(|n| visible(snap, self_id, n))
+        .cloned()
         .collect();
     Some(MapResponse {
-        node: Some(to_node(me, snap, &settings.domain)),
+        node: Some(me),
         derp_map: Some((*settings.relay_map).clone()),
         peers,
         packet_filter: Some(allow_all_filter()),
@@ -97,30 +145,47 @@ pub fn full_map(snap: &Snapshot, self_id: i64, settings: &MapSettings) -> Option
     })
 }
 
-/// What changed for `self_id` between two snapshots; `None` when nothing did.
-pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64, domain: &str) -> Option<MapResponse> {
+/// What changed for `self_id` between two snapshots; `None` when nothing did. When `new`
+/// was built directly from `old`, only the changed IDs are examined.
+pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64) -> Option<MapResponse> {
     let mut r = MapResponse::default();
-    let me_old = old.nodes.get(&self_id).map(|n| to_node(n, old, domain));
-    let me_new = new.nodes.get(&self_id).map(|n| to_node(n, new, domain));
-    if me_new != me_old {
-        r.node = me_new;
-    }
-    let before: BTreeMap<i64, Node> = visible_peers(old, self_id)
-        .map(|n| (n.id, to_node(n, old, domain)))
-        .collect();
-    for n in visible_peers(new, self_id) {
-        let now = to_node(n, new, domain);
-        match before.get(&n.id) {
-            Some(prev) if *prev == now => {}
-            Some(prev) if only_online_differs(prev, &now) => {
-                r.online_change.insert(n.id, now.online.unwrap_or(false));
-            }
-            _ => r.peers_changed.push(now),
+    let ids: Box<dyn Iterator<Item = i64> + '_> = if new.prev_version == old.version {
+        Box::new(new.changed.iter().copied())
+    } else {
+        Box::new(
+            old.wire
+                .keys()
+                .chain(new.wire.keys())
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter(),
+        )
+    };
+    for id in ids {
+        let before = old
+            .wire
+            .get(&id)
+            .filter(|n| id == self_id || visible(old, self_id, n));
+        let after = new
+            .wire
+            .get(&id)
+            .filter(|n| id == self_id || visible(new, self_id, n));
+        if before == after {
+            continue;
         }
-    }
-    for id in before.keys() {
-        if !visible_peers(new, self_id).any(|n| n.id == *id) {
-            r.peers_removed.push(*id);
+        if id == self_id {
+            if let Some(me) = after {
+                r.node = Some(me.clone());
+            }
+            continue;
+        }
+        match (before, after) {
+            (Some(_), None) => r.peers_removed.push(id),
+            (Some(prev), Some(now)) if only_online_differs(prev, now) => {
+                r.online_change.insert(id, now.online.unwrap_or(false));
+            }
+            (_, Some(now)) => r.peers_changed.push(now.clone()),
+            (None, None) => {}
         }
     }
     if r == MapResponse::default() {
@@ -168,18 +233,31 @@ mod tests {
         }
     }
 
+    fn snap_after(prev: &Snapshot, nodes: &[NodeRecord], online: &[i64]) -> Snapshot {
+        Snapshot::build(
+            nodes.iter().map(|n| (n.id, n.clone())).collect(),
+            online.iter().copied().collect(),
+            100,
+            "d",
+            prev,
+        )
+    }
+
     fn snap(nodes: &[NodeRecord], online: &[i64]) -> Snapshot {
-        Snapshot {
-            nodes: nodes.iter().map(|n| (n.id, n.clone())).collect(),
-            online: online.iter().copied().collect(),
-            now: 100,
-        }
+        snap_after(&Snapshot::default(), nodes, online)
     }
 
     #[test]
     fn full_map_has_self_peers_relay_map_and_explicit_filter() {
         let (a, b) = (rec(1), rec(2));
-        let m = full_map(&snap(&[a.clone(), b.clone()], &[1]), 1, &settings()).unwrap();
+        let s = Snapshot::build(
+            [(1, a.clone()), (2, b.clone())].into_iter().collect(),
+            [1].into_iter().collect(),
+            100,
+            "agentd.internal",
+            &Snapshot::default(),
+        );
+        let m = full_map(&s, 1, &settings()).unwrap();
         let me = m.node.unwrap();
         assert_eq!(me.addresses, vec!["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]);
         assert_eq!(me.name, "h1.agentd.internal.");
@@ -198,29 +276,34 @@ mod tests {
     fn deltas_cover_join_change_online_and_removal() {
         let (a, b, c) = (rec(1), rec(2), rec(3));
         let s0 = snap(&[a.clone(), b.clone()], &[1, 2]);
-        assert_eq!(delta(&s0, &s0, 1, "d"), None);
+        assert_eq!(delta(&s0, &s0, 1), None);
         // c joins.
-        let s1 = snap(&[a.clone(), b.clone(), c.clone()], &[1, 2]);
-        let d = delta(&s0, &s1, 1, "d").unwrap();
+        let s1 = snap_after(&s0, &[a.clone(), b.clone(), c.clone()], &[1, 2]);
+        assert_eq!(s1.changed.iter().copied().collect::<Vec<_>>(), vec![3]);
+        let d = delta(&s0, &s1, 1).unwrap();
         assert_eq!(d.peers_changed.len(), 1);
         assert_eq!(d.peers_changed[0].id, 3);
         // c comes online: only OnlineChange.
-        let s2 = snap(&[a.clone(), b.clone(), c.clone()], &[1, 2, 3]);
-        let d = delta(&s1, &s2, 1, "d").unwrap();
+        let s2 = snap_after(&s1, &[a.clone(), b.clone(), c.clone()], &[1, 2, 3]);
+        let d = delta(&s1, &s2, 1).unwrap();
         assert!(d.peers_changed.is_empty());
         assert_eq!(d.online_change.get(&3), Some(&true));
         // b's endpoints change.
         let mut b2 = b.clone();
         b2.endpoints = vec!["192.0.2.9:1".into()];
-        let s3 = snap(&[a.clone(), b2, c.clone()], &[1, 2, 3]);
-        let d = delta(&s2, &s3, 1, "d").unwrap();
+        let s3 = snap_after(&s2, &[a.clone(), b2, c.clone()], &[1, 2, 3]);
+        let d = delta(&s2, &s3, 1).unwrap();
         assert_eq!(d.peers_changed[0].endpoints, vec!["192.0.2.9:1"]);
         // c is deleted; b expires: both removed from a's view.
         let mut b3 = b.clone();
         b3.expiry = Some(50);
-        let s4 = snap(&[a.clone(), b3], &[1]);
-        let d = delta(&s3, &s4, 1, "d").unwrap();
+        let s4 = snap_after(&s3, &[a.clone(), b3], &[1]);
+        let d = delta(&s3, &s4, 1).unwrap();
         assert_eq!(d.peers_removed, vec![2, 3]);
+        // A stream that skipped snapshots compares everything and gets the same answer.
+        let d_skip = delta(&s0, &s4, 1).unwrap();
+        assert_eq!(d_skip.peers_removed, vec![2]);
+        assert!(d_skip.peers_changed.is_empty());
     }
 
     #[test]

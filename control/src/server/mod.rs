@@ -137,21 +137,15 @@ impl Shared {
             .keys()
             .copied()
             .collect();
-        let snap = Snapshot {
-            nodes: nodes.into_iter().map(|n| (n.id, n)).collect(),
+        let prev = self.snapshot.borrow().clone();
+        let snap = Snapshot::build(
+            nodes.into_iter().map(|n| (n.id, n)).collect(),
             online,
-            now: now_unix(),
-        };
-        let changed = {
-            let cur = self.snapshot.borrow();
-            cur.nodes != snap.nodes
-                || cur.online != snap.online
-                || cur
-                    .nodes
-                    .values()
-                    .any(|n| n.is_expired(snap.now) != n.is_expired(cur.now))
-        };
-        if changed {
+            now_unix(),
+            &self.settings.domain,
+            &prev,
+        );
+        if !snap.same_as(&prev) {
             self.snapshot.send_replace(Arc::new(snap));
         }
         Ok(())

@@ -357,12 +357,12 @@ async fn stream_map(
                     return Ok(());
                 }
                 let snap = rx.borrow_and_update().clone();
-                if !snap.nodes.contains_key(&id) {
+                if !snap.wire.contains_key(&id) {
                     // Deleted: end the stream; the client will find it cannot register.
                     send.send_data(Bytes::new(), true)?;
                     return Ok(());
                 }
-                if let Some(d) = delta(&last, &snap, id, &shared.settings.domain) {
+                if let Some(d) = delta(&last, &snap, id) {
                     send_all(&mut send, encode_message(&d, zstd), false).await?;
                     shared.metrics.map_messages.fetch_add(1, Ordering::Relaxed);
                 }
