@@ -16,17 +16,19 @@ pub struct Snapshot {
     pub version: u64,
     /// The version this one was built from; `changed` is relative to it.
     pub prev_version: u64,
-    pub nodes: BTreeMap<i64, NodeRecord>,
+    pub nodes: BTreeMap<i64, Arc<NodeRecord>>,
     pub online: BTreeSet<i64>,
     /// Unix seconds when it was taken (decides expiry).
     pub now: i64,
-    pub wire: BTreeMap<i64, Node>,
+    /// Shared with the previous snapshot wherever a node did not change, so keeping an
+    /// old snapshot alive (a stream that lags) costs little.
+    pub wire: BTreeMap<i64, Arc<Node>>,
     /// IDs whose wire form differs from the previous snapshot (added and removed too).
     pub changed: BTreeSet<i64>,
 }
 
 impl Snapshot {
-    /// Builds the next snapshot after `prev`.
+    /// Builds the next snapshot after `prev`, reusing its entries for unchanged nodes.
     pub fn build(
         nodes: BTreeMap<i64, NodeRecord>,
         online: BTreeSet<i64>,
@@ -34,29 +36,38 @@ impl Snapshot {
         domain: &str,
         prev: &Snapshot,
     ) -> Snapshot {
-        let mut snap = Snapshot {
+        let mut records = BTreeMap::new();
+        let mut wire = BTreeMap::new();
+        let mut changed = BTreeSet::new();
+        for (id, rec) in nodes {
+            let same = prev.nodes.get(&id).is_some_and(|p| **p == rec)
+                && prev.online.contains(&id) == online.contains(&id)
+                && rec.is_expired(prev.now) == rec.is_expired(now);
+            match (same, prev.nodes.get(&id), prev.wire.get(&id)) {
+                (true, Some(r), Some(w)) => {
+                    records.insert(id, r.clone());
+                    wire.insert(id, w.clone());
+                }
+                _ => {
+                    let node = to_node(&rec, online.contains(&id), now, domain);
+                    if prev.wire.get(&id).map(|w| **w != node).unwrap_or(true) {
+                        changed.insert(id);
+                    }
+                    records.insert(id, Arc::new(rec));
+                    wire.insert(id, Arc::new(node));
+                }
+            }
+        }
+        changed.extend(prev.wire.keys().filter(|id| !wire.contains_key(id)));
+        Snapshot {
             version: prev.version + 1,
             prev_version: prev.version,
-            nodes,
+            nodes: records,
             online,
             now,
-            wire: BTreeMap::new(),
-            changed: BTreeSet::new(),
-        };
-        let wire: BTreeMap<i64, Node> = snap
-            .nodes
-            .values()
-            .map(|n| (n.id, to_node(n, &snap, domain)))
-            .collect();
-        let mut changed: BTreeSet<i64> = wire
-            .iter()
-            .filter(|(id, n)| prev.wire.get(id) != Some(n))
-            .map(|(id, _)| *id)
-            .collect();
-        changed.extend(prev.wire.keys().filter(|id| !wire.contains_key(id)));
-        snap.wire = wire;
-        snap.changed = changed;
-        snap
+            wire,
+            changed,
+        }
     }
 
     /// Whether nothing a node can see differs from `prev`.
@@ -81,7 +92,7 @@ pub fn rfc3339(unix: i64) -> String {
 }
 
 /// The wire form of a stored node.
-pub fn to_node(n: &NodeRecord, snap: &Snapshot, domain: &str) -> Node {
+pub fn to_node(n: &NodeRecord, online: bool, now: i64, domain: &str) -> Node {
     let addresses = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
     Node {
         id: n.id,
@@ -106,10 +117,10 @@ pub fn to_node(n: &NodeRecord, snap: &Snapshot, domain: &str) -> Node {
             ..Default::default()
         }),
         cap: 0,
-        online: Some(snap.online.contains(&n.id)),
+        online: Some(online),
         last_seen: n.last_seen.map(rfc3339),
         machine_authorized: true,
-        expired: n.is_expired(snap.now),
+        expired: n.is_expired(now),
     }
 }
 
@@ -128,12 +139,12 @@ fn visible(snap: &Snapshot, self_id: i64, n: &Node) -> bool {
 
 /// The first message of a stream: self, relay map, all peers, packet filter.
 pub fn full_map(snap: &Snapshot, self_id: i64, settings: &MapSettings) -> Option<MapResponse> {
-    let me = snap.wire.get(&self_id)?.clone();
+    let me = (**snap.wire.get(&self_id)?).clone();
     let peers: Vec<Node> = snap
         .wire
         .values()
         .filter(|n| visible(snap, self_id, n))
-        .cloned()
+        .map(|n| (**n).clone())
         .collect();
     Some(MapResponse {
         node: Some(me),
@@ -175,7 +186,7 @@ pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64) -> Option<MapResponse
         }
         if id == self_id {
             if let Some(me) = after {
-                r.node = Some(me.clone());
+                r.node = Some((**me).clone());
             }
             continue;
         }
@@ -184,7 +195,7 @@ pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64) -> Option<MapResponse
             (Some(prev), Some(now)) if only_online_differs(prev, now) => {
                 r.online_change.insert(id, now.online.unwrap_or(false));
             }
-            (_, Some(now)) => r.peers_changed.push(now.clone()),
+            (_, Some(now)) => r.peers_changed.push((**now).clone()),
             (None, None) => {}
         }
     }

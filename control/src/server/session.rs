@@ -335,11 +335,13 @@ async fn stream_map(
     let zstd = req.compress == "zstd";
     let mut rx = shared.snapshot.subscribe();
     let mut last = rx.borrow_and_update().clone();
-    let Some(first) = full_map(&last, id, &shared.settings) else {
+    // Encoded at once and dropped: the full map holds every peer, and a stream lives long.
+    let Some(first) = full_map(&last, id, &shared.settings).map(|m| encode_message(&m, zstd))
+    else {
         return reply(respond, 403, b"{\"error\":\"node is gone\"}".to_vec()).await;
     };
     let mut send = respond.send_response(response(200, "application/octet-stream"), false)?;
-    send_all(&mut send, encode_message(&first, zstd), false).await?;
+    send_all(&mut send, first, false).await?;
     shared.metrics.map_messages.fetch_add(1, Ordering::Relaxed);
     let keepalive = encode_message(
         &MapResponse {
