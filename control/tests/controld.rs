@@ -239,3 +239,118 @@ async fn expired_or_unknown_keys_cannot_register_and_change_nothing() {
     assert!(e.store.nodes().unwrap().is_empty());
     assert!(!verify(&e, &NodePrivate::generate().public()).await);
 }
+
+/// POSTs /ts2021 by hand; returns the socket after the 101 and the handshake response.
+async fn raw_ts2021(e: &Env) -> tokio::net::TcpStream {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let control_key = fetch_control_key(&e.url, CAPVER).await.unwrap();
+    let (_hs, init) =
+        control::noise::ClientHandshake::start(&MachinePrivate::generate(), &control_key, CAPVER)
+            .unwrap();
+    let mut s = tokio::net::TcpStream::connect(e.server.addr())
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {}\r\n\r\n",
+        base64::engine::general_purpose::STANDARD.encode(init)
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut resp = [0u8; 51];
+    s.read_exact(&mut resp).await.unwrap();
+    s
+}
+
+async fn closed_soon(s: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    assert!(r.is_ok(), "server kept a broken ts2021 connection open");
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_error_or_a_closed_connection_and_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env().await;
+    // A bad handshake: 400 with the reason.
+    for header in ["X-Tailscale-Handshake: bm90IGEgaGFuZHNoYWtl\r\n", ""] {
+        let mut s = tokio::net::TcpStream::connect(e.server.addr())
+            .await
+            .unwrap();
+        let req = format!("POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\n{header}\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    }
+    // A record over 4096 bytes, and a record that does not decrypt: connection closed.
+    let mut s = raw_ts2021(&e).await;
+    s.write_all(&[0x04, 0xFF, 0xFF]).await.unwrap();
+    closed_soon(&mut s).await;
+    let mut s = raw_ts2021(&e).await;
+    s.write_all(&[0x04, 0x00, 0x20]).await.unwrap();
+    s.write_all(&[0u8; 32]).await.unwrap();
+    closed_soon(&mut s).await;
+    assert_eq!(
+        e.server
+            .metrics()
+            .noise_handshakes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // A malformed JSON body: 400.
+    let control_key = fetch_control_key(&e.url, CAPVER).await.unwrap();
+    let client = ControlClient::connect(&e.url, &MachinePrivate::generate(), &control_key, CAPVER)
+        .await
+        .unwrap();
+    let err = client
+        .post(
+            "/machine/register",
+            &serde_json::json!("not an object"),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
+
+    // A node key already registered to another machine is refused.
+    let a = device(&e, &e.auth_key, "192.0.2.1:1").await.unwrap();
+    let thief = ControlClient::connect(&e.url, &MachinePrivate::generate(), &control_key, CAPVER)
+        .await
+        .unwrap();
+    let resp = thief
+        .register(&RegisterRequest {
+            version: CAPVER as u32,
+            node_key: a.node.public(),
+            auth: Some(RegisterAuth {
+                auth_key: e.auth_key.clone(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!resp.machine_authorized);
+    assert!(resp.error.contains("another machine"), "{resp:?}");
+    assert_eq!(
+        e.store.nodes().unwrap().len(),
+        1,
+        "nothing was written for refused input"
+    );
+
+    // And the server still serves well-behaved clients.
+    let b = device(&e, &e.auth_key, "192.0.2.2:1").await.unwrap();
+    let mut sb = b.client.map_stream(&b.req).await.unwrap();
+    let mut nb = NetMap::default();
+    until(&mut sb, &mut nb, Duration::from_secs(5), |nm| {
+        nm.peer_by_key(&a.node.public()).is_some()
+    })
+    .await;
+}

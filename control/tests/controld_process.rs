@@ -188,7 +188,39 @@ async fn admin_commands_serve_restart_and_delete() {
         "addresses changed across a restart"
     );
 
-    // Deleting b from the command line while the server runs removes it from a's map.
+    // A third node appears in both streams within 1 s of coming up.
+    let (kc, mut c) = session(port, &key);
+    let pc = kc.public();
+    let t0 = Instant::now();
+    while *c.state.borrow() != SessionState::Connected {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "third node did not connect"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), c.state.changed()).await;
+    }
+    let t0 = Instant::now();
+    wait_netmap(&mut a, Duration::from_secs(1), |nm| {
+        nm.peer_by_key(&pc).is_some()
+    })
+    .await;
+    wait_netmap(&mut b, Duration::from_secs(1), |nm| {
+        nm.peer_by_key(&pc).is_some()
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1));
+
+    // An endpoint change (a lite map request) reaches the others within 1 s.
+    a.set_endpoints(vec!["198.51.100.9:4242".into()]).await;
+    wait_netmap(&mut b, Duration::from_secs(1), |nm| {
+        nm.peer_by_key(&pa)
+            .is_some_and(|p| p.endpoints == vec!["198.51.100.9:4242".to_string()])
+    })
+    .await;
+
+    // Deleting b from the command line while the server runs removes it from a's map,
+    // and the relay admission check refuses it from then on.
+    assert!(verify(port, &pb).await, "registered node is allowed");
     let id_b = cli(&db, &["nodes", "list"])
         .lines()
         .find(|l| l.contains(&pb.short()))
@@ -199,4 +231,46 @@ async fn admin_commands_serve_restart_and_delete() {
         nm.peer_by_key(&pb).is_none()
     })
     .await;
+    assert!(!verify(port, &pb).await, "deleted node is refused");
+
+    // An expired key cannot register, and nothing is written.
+    let short = cli(
+        &db,
+        &["keys", "create", "--user", "alice", "--expiration", "1s"],
+    )
+    .trim()
+    .to_string();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = cli(&db, &["nodes", "list"]).lines().count();
+    let (_, mut late) = session(port, &short);
+    let t0 = Instant::now();
+    loop {
+        if let SessionState::Refused { reason } = &*late.state.borrow_and_update() {
+            assert!(reason.contains("expired"), "{reason}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "expired key was not refused"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), late.state.changed()).await;
+    }
+    assert_eq!(cli(&db, &["nodes", "list"]).lines().count(), before);
+}
+
+async fn verify(port: u16, key: &proto::NodePublic) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = format!(r#"{{"NodePublic":"{key}","Source":"127.0.0.1"}}"#);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /verify HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.contains(r#""Allow":true"#)
 }

@@ -29,13 +29,19 @@ pub(crate) async fn serve(
     let mut conn = match h2::server::handshake(stream).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::debug!(%remote, error = %e, "HTTP/2 handshake over ts2021 failed");
+            tracing::info!(%remote, error = %e, "HTTP/2 handshake over ts2021 failed");
             return;
         }
     };
     tracing::debug!(%remote, machine = %machine.short(), version, "ts2021 session");
     while let Some(req) = conn.accept().await {
-        let Ok((request, respond)) = req else { break };
+        let (request, respond) = match req {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(%remote, machine = %machine.short(), error = %e, "closed ts2021 connection");
+                break;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(shared, machine, request, respond).await {
