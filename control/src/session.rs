@@ -37,6 +37,10 @@ pub enum SessionState {
     Connecting,
     /// Streaming the map.
     Connected,
+    /// The server wants an interactive login: a person must open `url` to approve this node.
+    NeedsLogin {
+        url: String,
+    },
     /// The last attempt failed; retrying.
     Retrying {
         error: String,
@@ -49,6 +53,23 @@ pub enum SessionState {
 
 enum Cmd {
     Endpoints(Vec<String>),
+    HomeRegion(i32),
+    Disco(DiscoPublic),
+}
+
+impl Cmd {
+    fn apply(self, cfg: &mut SessionConfig) {
+        match self {
+            Cmd::Endpoints(e) => cfg.endpoints = e,
+            Cmd::HomeRegion(r) => {
+                cfg.hostinfo
+                    .net_info
+                    .get_or_insert_with(Default::default)
+                    .preferred_derp = r;
+            }
+            Cmd::Disco(d) => cfg.disco = d,
+        }
+    }
 }
 
 /// Handle to a background control session. Dropping it stops the session.
@@ -83,6 +104,17 @@ impl ControlSession {
     /// Reports new endpoints to the control server (now if connected, else on reconnect).
     pub async fn set_endpoints(&self, endpoints: Vec<String>) {
         let _ = self.cmds.send(Cmd::Endpoints(endpoints)).await;
+    }
+
+    /// Reports a new home relay region (`Hostinfo.NetInfo.PreferredDERP`); control
+    /// republishes it to every peer as this node's `HomeDERP`.
+    pub async fn set_home_region(&self, region: i32) {
+        let _ = self.cmds.send(Cmd::HomeRegion(region)).await;
+    }
+
+    /// Reports a new disco key (after a restart of the disco layer).
+    pub async fn set_disco_key(&self, disco: DiscoPublic) {
+        let _ = self.cmds.send(Cmd::Disco(disco)).await;
     }
 }
 
@@ -132,12 +164,15 @@ async fn run(
                 _ = &mut sleep => break,
                 cmd = cmds.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Endpoints(e)) => cfg.endpoints = e,
+                    Some(c) => c.apply(&mut cfg),
                 },
             }
         }
     }
 }
+
+/// Pause between Followup requests when the server answers one without a decision.
+const FOLLOWUP_RETRY: Duration = Duration::from_secs(1);
 
 enum Outcome {
     Stopped,
@@ -195,7 +230,26 @@ async fn session_once(
             cfg.auth_key = None;
         }
         Ok(r) if !r.auth_url.is_empty() => {
-            return Outcome::Refused(format!("interactive login required: open {}", r.auth_url));
+            tracing::info!(url = %r.auth_url, "to finish joining, log in at this URL");
+            state.send_replace(SessionState::NeedsLogin {
+                url: r.auth_url.clone(),
+            });
+            // The server holds a Followup request until the login is done (or it times out).
+            let follow = RegisterRequest {
+                followup: r.auth_url.clone(),
+                auth: None,
+                ..reg.clone()
+            };
+            loop {
+                match client.register(&follow).await {
+                    Ok(r) if r.machine_authorized => break,
+                    Ok(r) if !r.error.is_empty() => return Outcome::Refused(r.error),
+                    // Not approved yet and the server let go of the request: ask again,
+                    // but never in a tight loop.
+                    Ok(_) => tokio::time::sleep(FOLLOWUP_RETRY).await,
+                    Err(e) => return failed(e.to_string()),
+                }
+            }
         }
         Ok(r) => {
             return Outcome::Refused(if r.error.is_empty() {
@@ -229,8 +283,8 @@ async fn session_once(
             },
             cmd = cmds.recv() => match cmd {
                 None => return Outcome::Stopped,
-                Some(Cmd::Endpoints(e)) => {
-                    cfg.endpoints = e;
+                Some(c) => {
+                    c.apply(cfg);
                     if let Err(e) = client.lite_update(&map_request(cfg)).await {
                         return Outcome::Failed { error: e.to_string(), was_connected: connected };
                     }

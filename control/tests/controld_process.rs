@@ -217,6 +217,19 @@ async fn admin_commands_serve_restart_and_delete() {
             .is_some_and(|p| p.endpoints == vec!["198.51.100.9:4242".to_string()])
     })
     .await;
+    // So do a new home region and a new disco key.
+    a.set_home_region(901).await;
+    wait_netmap(&mut b, Duration::from_secs(1), |nm| {
+        nm.peer_by_key(&pa).is_some_and(|p| p.home_region() == 901)
+    })
+    .await;
+    let new_disco = proto::DiscoPrivate::generate().public();
+    a.set_disco_key(new_disco).await;
+    wait_netmap(&mut b, Duration::from_secs(1), |nm| {
+        nm.peer_by_key(&pa)
+            .is_some_and(|p| p.disco_key == Some(new_disco))
+    })
+    .await;
 
     // Deleting b from the command line while the server runs removes it from a's map,
     // and the relay admission check refuses it from then on.

@@ -381,3 +381,67 @@ async fn two_nodes_stream_each_other_and_endpoint_changes_through_headscale() {
     eprintln!("endpoint change reached the peer in {:?}", t0.elapsed());
     drop(b);
 }
+
+#[tokio::test]
+async fn interactive_login_with_headscale_followup() {
+    use control::session::{ControlSession, SessionConfig, SessionState};
+    let Some(bin) = headscale_bin() else { return };
+    let hs = start_headscale(&bin).await;
+    wait_for_key(&hs).await;
+    headscale_cli(&bin, &hs, &["users", "create", "carol"]);
+    let mut s = ControlSession::spawn(SessionConfig {
+        url: hs.url.clone(),
+        machine: MachinePrivate::generate(),
+        node: proto::NodePrivate::generate(),
+        disco: proto::DiscoPrivate::generate().public(),
+        hostinfo: proto::tailcfg::Hostinfo {
+            hostname: "interactive".into(),
+            ..Default::default()
+        },
+        endpoints: vec![],
+        auth_key: None,
+        version: 113,
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    });
+    // The session asks for a login and shows the URL.
+    let url = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let SessionState::NeedsLogin { url } = &*s.state.borrow_and_update() {
+                return url.clone();
+            }
+            s.state.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("session asked for an interactive login");
+    let auth_id = url.rsplit('/').next().unwrap().to_string();
+    // An administrator approves it; the held Followup completes and the session streams.
+    let cfg = hs._dir.path().join("config.yaml");
+    let out = Command::new(&bin)
+        .args([
+            "-c",
+            cfg.to_str().unwrap(),
+            "auth",
+            "register",
+            "--auth-id",
+            &auth_id,
+            "--user",
+            "carol",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while *s.state.borrow_and_update() != SessionState::Connected {
+            s.state.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("session connected after the login");
+    assert!(s.netmap.borrow().as_ref().unwrap().self_node.is_some());
+}
