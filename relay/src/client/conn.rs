@@ -229,24 +229,7 @@ async fn connect_inner(
     name: &str,
 ) -> Result<RelayConn, ConnectError> {
     let tcp = dial(target, name).await?;
-    let mut stream: BoxStream = match &target.tls {
-        None => Box::new(tcp),
-        Some(tls) => {
-            let tls_err = |source| ConnectError::Tls {
-                target: name.to_string(),
-                source,
-            };
-            let config = client_config(&tls.verify)
-                .map_err(|e| tls_err(std::io::Error::other(e.to_string())))?;
-            let sni = ServerName::try_from(tls.server_name.clone())
-                .map_err(|e| tls_err(std::io::Error::other(e.to_string())))?;
-            let s = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&config))
-                .connect(sni, tcp)
-                .await
-                .map_err(tls_err)?;
-            Box::new(s)
-        }
-    };
+    let mut stream = secure(target, tcp, name).await?;
     let upgrade_err = |status: String| ConnectError::Upgrade {
         target: name.to_string(),
         status,
@@ -311,6 +294,84 @@ async fn connect_inner(
         None => (stream, rest),
     };
     handshake(stream, prefix, key, info, name).await
+}
+
+/// Wraps a dialled connection in TLS when the target wants it.
+async fn secure(
+    target: &RelayTarget,
+    tcp: TcpStream,
+    name: &str,
+) -> Result<BoxStream, ConnectError> {
+    let Some(tls) = &target.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let tls_err = |source| ConnectError::Tls {
+        target: name.to_string(),
+        source,
+    };
+    let config =
+        client_config(&tls.verify).map_err(|e| tls_err(std::io::Error::other(e.to_string())))?;
+    let sni = ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| tls_err(std::io::Error::other(e.to_string())))?;
+    let s = tokio_rustls::TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&config))
+        .connect(sni, tcp)
+        .await
+        .map_err(tls_err)?;
+    Ok(Box::new(s))
+}
+
+/// Measures a relay's latency over TCP, for netcheck when UDP gets no answer: dials and
+/// secures a connection, then times one `GET /derp/latency-check` on it, so the figure is
+/// one round trip rather than the TCP and TLS handshakes. Returns the time and the
+/// address dialled.
+pub async fn latency_check(
+    target: &RelayTarget,
+    timeout: Duration,
+) -> Result<(Duration, SocketAddr), ConnectError> {
+    let name = format!("{}:{}", target.host, target.port);
+    let work = async {
+        let tcp = dial(target, &name).await?;
+        let remote = tcp.peer_addr().map_err(|source| ConnectError::Dial {
+            target: name.clone(),
+            source,
+        })?;
+        let mut stream = secure(target, tcp, &name).await?;
+        let err = |e: std::io::Error| ConnectError::Upgrade {
+            target: name.clone(),
+            status: e.to_string(),
+        };
+        let request = format!(
+            "GET /derp/latency-check HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            target.host_header()
+        );
+        let start = tokio::time::Instant::now();
+        stream.write_all(request.as_bytes()).await.map_err(err)?;
+        stream.flush().await.map_err(err)?;
+        let (head, _) = read_http_head(&mut stream, MAX_HTTP_HEAD)
+            .await
+            .map_err(err)?;
+        let elapsed = start.elapsed();
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let code = match resp.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => resp.code.unwrap_or(0),
+            _ => 0,
+        };
+        if !(200..300).contains(&code) {
+            return Err(ConnectError::Upgrade {
+                target: name.clone(),
+                status: format!("latency check answered HTTP {code}"),
+            });
+        }
+        Ok((elapsed, remote))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout {
+            target: name.clone(),
+            timeout,
+        }),
+    }
 }
 
 /// Runs the DERP handshake on an upgraded stream (`prefix` = bytes read past the HTTP head).

@@ -11,7 +11,8 @@ mod conn;
 pub mod tls;
 
 pub use conn::{
-    connect, handshake, ConnectError, RelayConn, RelayReader, RelayTarget, RelayWriter,
+    connect, handshake, latency_check, ConnectError, RelayConn, RelayReader, RelayTarget,
+    RelayWriter,
 };
 
 use std::net::SocketAddr;

@@ -1,0 +1,60 @@
+//! `agentctl`: the command-line client of agentd. `netcheck` works on its own, without
+//! the daemon; the other commands talk to agentd's local API.
+
+use clap::{Parser, Subcommand};
+
+mod debug;
+mod netcheck;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentctl",
+    version,
+    about = "Control and inspect agentd, the mesh VPN daemon."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure this network: public address, NAT type, port mapping, relay latency.
+    Netcheck(netcheck::Args),
+    /// Debugging tools for one mechanism at a time.
+    #[command(subcommand)]
+    Debug(debug::Debug),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report_error(&anyhow::anyhow!("cannot start the async runtime: {e}"));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Netcheck(args) => netcheck::run(args).await,
+            Command::Debug(cmd) => debug::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            report_error(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn report_error(e: &anyhow::Error) {
+    eprintln!("agentctl: {e:#}");
+}

@@ -1,0 +1,1 @@
+//! Disco: NAT-traversal messages and per-peer path selection.

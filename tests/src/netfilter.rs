@@ -1,0 +1,153 @@
+//! Traffic controls a test applies at runtime in any lab namespace: blackholes ("the direct
+//! path dies") and packet counters ("did the traffic go direct?").
+//!
+//! They live in their own table, `ip labctl`, hooked at prerouting and output with raw
+//! priority — before conntrack and NAT, so the addresses matched are the ones on the wire
+//! where the namespace sees them (a router sees its LAN hosts' private addresses coming in
+//! and its own public address going out). Blackholed packets are dropped before any counter,
+//! so counters count what actually passed.
+
+use std::net::Ipv4Addr;
+
+use crate::error::{LabError, Result};
+use crate::netns;
+
+/// The table's skeleton; `add` is idempotent for tables, sets and chains.
+fn skeleton() -> &'static str {
+    "add table ip labctl
+add set ip labctl blocked_udp { type ipv4_addr . ipv4_addr; }
+add set ip labctl blocked_all { type ipv4_addr . ipv4_addr; }
+add chain ip labctl pre { type filter hook prerouting priority raw; policy accept; }
+add chain ip labctl out { type filter hook output priority raw; policy accept; }
+"
+}
+
+/// Creates the `labctl` table in `ns` with its blackhole rules (call once per namespace).
+pub(crate) fn install(ns: &str) -> Result<()> {
+    let mut script = skeleton().to_string();
+    for chain in ["pre", "out"] {
+        script.push_str(&format!(
+            "add rule ip labctl {chain} ip saddr . ip daddr @blocked_all drop\n\
+             add rule ip labctl {chain} meta l4proto udp ip saddr . ip daddr @blocked_udp drop\n"
+        ));
+    }
+    netns::nft(ns, &script)
+}
+
+/// What a blackhole drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// UDP only (the direct path of a mesh VPN dies, TCP to the relay lives).
+    Udp,
+    /// All IPv4 traffic.
+    All,
+}
+
+impl Blocked {
+    fn set(self) -> &'static str {
+        match self {
+            Blocked::Udp => "blocked_udp",
+            Blocked::All => "blocked_all",
+        }
+    }
+}
+
+/// Starts dropping `what` between `a` and `b` (both directions) in `ns`.
+pub(crate) fn block(ns: &str, what: Blocked, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+    netns::nft(
+        ns,
+        &format!(
+            "add element ip labctl {} {{ {a} . {b}, {b} . {a} }}\n",
+            what.set()
+        ),
+    )
+}
+
+/// Stops dropping `what` between `a` and `b` in `ns`; fails if it was not blocked.
+pub(crate) fn unblock(ns: &str, what: Blocked, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+    netns::nft(
+        ns,
+        &format!(
+            "delete element ip labctl {} {{ {a} . {b}, {b} . {a} }}\n",
+            what.set()
+        ),
+    )
+}
+
+/// Counts packets matching a filter in one namespace (see [`crate::Lab::count_udp`]).
+#[derive(Debug, Clone)]
+pub struct PacketCounter {
+    ns: String,
+    name: String,
+}
+
+impl PacketCounter {
+    /// Adds a counter `name` in `ns` counting packets that match `filter` (nft syntax).
+    pub(crate) fn install(ns: &str, name: &str, filter: &str) -> Result<Self> {
+        let mut script = format!("add counter ip labctl {name}\n");
+        for chain in ["pre", "out"] {
+            script.push_str(&format!(
+                "add rule ip labctl {chain} {filter} counter name \"{name}\"\n"
+            ));
+        }
+        netns::nft(ns, &script)?;
+        Ok(PacketCounter {
+            ns: ns.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    fn read(&self, reset: bool) -> Result<(u64, u64)> {
+        let verb = if reset { "reset" } else { "list" };
+        let out = netns::run(
+            netns::exec_command(&self.ns, "nft")
+                .args([verb, "counter", "ip", "labctl", &self.name]),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_counter(&text).ok_or_else(|| {
+            LabError::Invalid(format!(
+                "cannot read counter {} in {}: {text}",
+                self.name, self.ns
+            ))
+        })
+    }
+
+    /// Packets counted so far.
+    pub fn packets(&self) -> Result<u64> {
+        Ok(self.read(false)?.0)
+    }
+
+    /// Bytes counted so far.
+    pub fn bytes(&self) -> Result<u64> {
+        Ok(self.read(false)?.1)
+    }
+
+    /// Returns the packets counted so far and starts again from zero.
+    pub fn take(&self) -> Result<u64> {
+        Ok(self.read(true)?.0)
+    }
+}
+
+/// Reads `packets N bytes M` from `nft list counter` output.
+fn parse_counter(text: &str) -> Option<(u64, u64)> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "packets")?;
+    let packets = words.get(at + 1)?.parse().ok()?;
+    let bytes = match words.get(at + 2) {
+        Some(&"bytes") => words.get(at + 3)?.parse().ok()?,
+        _ => 0,
+    };
+    Some((packets, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_output_parses() {
+        let text = "table ip labctl {\n\tcounter c1 {\n\t\tpackets 12 bytes 3456\n\t}\n}\n";
+        assert_eq!(parse_counter(text), Some((12, 3456)));
+        assert_eq!(parse_counter("nothing"), None);
+    }
+}

@@ -1,0 +1,372 @@
+//! netcheck in the lab: the real `relayd` (TLS + STUN) in two regions on the emulated
+//! internet, and the real `agentctl netcheck` behind each kind of router. Shows that the
+//! report names the right public address and mapping behaviour per NAT kind, picks the
+//! nearer region and keeps it through small changes, falls back to HTTPS when UDP is
+//! blocked, and maps a port through miniupnpd that outside traffic can then reach.
+//! Needs root; skips without it (fails under CI=true).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::{lab_or_skip, process, ChildGuard, Host, Lab, LinkParams, RouterSpec};
+
+/// A relay region: one relayd with a self-signed certificate, STUN on 3478, HTTPS on 443.
+struct Region {
+    id: i32,
+    host: Host,
+    _relayd: ChildGuard,
+}
+
+fn start_region(lab: &Lab, id: i32, one_way_delay_ms: u64) -> Region {
+    let name = format!("relay{id}");
+    let host = if one_way_delay_ms > 0 {
+        lab.add_server_with_link(&name, LinkParams::delay_ms(one_way_delay_ms))
+            .unwrap()
+    } else {
+        lab.add_server(&name).unwrap()
+    };
+    let ck = rcgen::generate_simple_self_signed(vec![name.clone()]).unwrap();
+    let dir = lab.log_dir().to_path_buf();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let mut relayd = lab
+        .spawn(
+            &host,
+            process::relayd().unwrap(),
+            [
+                "--listen".to_string(),
+                format!("{}:443", host.ip),
+                "--stun-listen".to_string(),
+                format!("{}:3478", host.ip),
+                "--tls-cert".to_string(),
+                cert.display().to_string(),
+                "--tls-key".to_string(),
+                key.display().to_string(),
+                "--hostname".to_string(),
+                name.clone(),
+                "--key-file".to_string(),
+                dir.join(format!("{name}.relaykey")).display().to_string(),
+            ],
+        )
+        .unwrap();
+    relayd
+        .wait_for_output("STUN listening", Duration::from_secs(20))
+        .unwrap();
+    Region {
+        id,
+        host,
+        _relayd: relayd,
+    }
+}
+
+fn write_map(lab: &Lab, regions: &[&Region]) -> PathBuf {
+    let mut map = serde_json::Map::new();
+    for r in regions {
+        map.insert(
+            r.id.to_string(),
+            serde_json::json!({
+                "RegionID": r.id,
+                "RegionCode": format!("r{}", r.id),
+                "RegionName": format!("Region {}", r.id),
+                "Nodes": [{
+                    "Name": format!("{}a", r.id),
+                    "RegionID": r.id,
+                    "HostName": format!("relay{}", r.id),
+                    "IPv4": r.host.ip.to_string(),
+                    "IPv6": "none",
+                    "InsecureForTests": true,
+                }]
+            }),
+        );
+    }
+    let path = lab.log_dir().join("relaymap.json");
+    std::fs::write(&path, serde_json::json!({ "Regions": map }).to_string()).unwrap();
+    path
+}
+
+/// One `agentctl netcheck --json` inside `host`.
+fn netcheck(lab: &Lab, host: &Host, map: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "netcheck".to_string(),
+        "--relay-map".to_string(),
+        map.display().to_string(),
+        "--json".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = lab
+        .exec_ok(host, process::agentctl().unwrap(), args)
+        .unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("netcheck printed non-JSON ({e}):\n{out}"))
+}
+
+fn global_v4(r: &Value) -> SocketAddr {
+    r["GlobalV4"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no GlobalV4 in {r:#}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn netcheck_reports_the_mapping_and_public_address_of_each_nat_kind() {
+    let lab = lab_or_skip!();
+    let r1 = start_region(&lab, 901, 0);
+    let r2 = start_region(&lab, 902, 0);
+    let map = write_map(&lab, &[&r1, &r2]);
+
+    // Easy NAT: one public ip:port for both servers, the port kept.
+    let easy = lab.add_router("easy", RouterSpec::easy()).unwrap();
+    let alice = lab.add_lan_host("alice", &easy).unwrap();
+    let r = netcheck(&lab, &alice, &map, &["--no-portmap", "--port", "41641"]);
+    assert_eq!(r["UDP"], true, "{r:#}");
+    assert_eq!(
+        global_v4(&r),
+        SocketAddr::from((easy.wan_ip, 41641)),
+        "{r:#}"
+    );
+    assert_eq!(r["MappingVariesByDestIP"], false, "{r:#}");
+    assert_eq!(r["NATType"]["Mapping"], "EndpointIndependent", "{r:#}");
+    assert_eq!(r["NATType"]["PortPreserved"], true, "{r:#}");
+    assert_eq!(r["RegionLatency"].as_object().unwrap().len(), 2, "{r:#}");
+
+    // Hard NAT: a different public port per destination.
+    let hard = lab.add_router("hard", RouterSpec::hard()).unwrap();
+    let bob = lab.add_lan_host("bob", &hard).unwrap();
+    let r = netcheck(&lab, &bob, &map, &["--no-portmap", "--port", "41641"]);
+    assert_eq!(global_v4(&r).ip(), hard.wan_ip, "{r:#}");
+    assert_eq!(r["MappingVariesByDestIP"], true, "{r:#}");
+    assert_eq!(r["NATType"]["Mapping"], "EndpointDependent", "{r:#}");
+    assert_eq!(r["GlobalV4Counters"].as_object().unwrap().len(), 2, "{r:#}");
+
+    // Double NAT (home router behind a carrier router, both easy): the carrier's
+    // address is the public one, and the mapping is still endpoint-independent.
+    let carrier = lab.add_router("carrier", RouterSpec::easy()).unwrap();
+    let home = lab
+        .add_router_behind("home", &carrier, RouterSpec::easy())
+        .unwrap();
+    let carol = lab.add_lan_host("carol", &home).unwrap();
+    let r = netcheck(&lab, &carol, &map, &["--no-portmap"]);
+    assert_eq!(global_v4(&r).ip(), carrier.wan_ip, "{r:#}");
+    assert_eq!(r["NATType"]["Mapping"], "EndpointIndependent", "{r:#}");
+
+    // A host with a public address: no NAT at all.
+    let dave = lab.add_public_host("dave").unwrap();
+    let r = netcheck(&lab, &dave, &map, &["--no-portmap", "--port", "41641"]);
+    assert_eq!(global_v4(&r), SocketAddr::from((dave.ip, 41641)), "{r:#}");
+    assert_eq!(r["NATType"]["Mapping"], "NoNat", "{r:#}");
+}
+
+/// Reads successive JSON reports from a running `agentctl netcheck --every`.
+struct ReportStream {
+    child: std::process::Child,
+    reports: std::sync::mpsc::Receiver<Value>,
+}
+
+impl ReportStream {
+    fn start(lab: &Lab, host: &Host, map: &Path, every: &str) -> ReportStream {
+        let mut cmd = lab.command(host, process::agentctl().unwrap());
+        cmd.args(["netcheck", "--relay-map"])
+            .arg(map)
+            .args(["--json", "--no-portmap", "--every", every])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Pretty JSON objects, one after another; a line "}" closes one.
+            let mut buf = String::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                buf.push_str(&line);
+                buf.push('\n');
+                if line == "}" {
+                    if let Ok(v) = serde_json::from_str::<Value>(&buf) {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                    buf.clear();
+                }
+            }
+        });
+        ReportStream { child, reports: rx }
+    }
+
+    fn next(&self) -> Value {
+        self.reports
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a netcheck report")
+    }
+
+    /// The home region of the next `n` reports.
+    fn homes(&self, n: usize) -> Vec<i64> {
+        (0..n)
+            .map(|_| self.next()["PreferredDERP"].as_i64().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for ReportStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn home_is_the_nearer_region_and_stays_through_small_changes() {
+    let lab = lab_or_skip!();
+    // Round trips of about 20 ms and 80 ms.
+    let near = start_region(&lab, 901, 10);
+    let far = start_region(&lab, 902, 40);
+    let map = write_map(&lab, &[&near, &far]);
+    let router = lab.add_router("home", RouterSpec::easy()).unwrap();
+    let alice = lab.add_lan_host("alice", &router).unwrap();
+
+    let stream = ReportStream::start(&lab, &alice, &map, "300ms");
+    let first = stream.next();
+    assert_eq!(first["PreferredDERP"], 901, "{first:#}");
+    let lat = |r: &Value, id: &str| r["RegionLatency"][id].as_f64().unwrap() / 1e6;
+    let (l1, l2) = (lat(&first, "901"), lat(&first, "902"));
+    assert!((18.0..35.0).contains(&l1), "near region measured {l1} ms");
+    assert!((78.0..100.0).contains(&l2), "far region measured {l2} ms");
+    assert_eq!(stream.homes(3), vec![901; 3]);
+
+    // Small change: the far region becomes a little faster than the near one
+    // (26 ms vs 30 ms round trip). Not worth a move: the home stays, report after report.
+    near.host
+        .uplink
+        .as_ref()
+        .unwrap()
+        .set(LinkParams::delay_ms(15))
+        .unwrap();
+    far.host
+        .uplink
+        .as_ref()
+        .unwrap()
+        .set(LinkParams::delay_ms(13))
+        .unwrap();
+    let _ = stream.homes(2); // reports already under way when the links changed
+    let after = stream.next();
+    assert!(
+        lat(&after, "902") < lat(&after, "901"),
+        "the far region should now measure faster: {after:#}"
+    );
+    assert_eq!(after["PreferredDERP"], 901, "{after:#}");
+    assert_eq!(
+        stream.homes(6),
+        vec![901; 6],
+        "home flipped on a small change"
+    );
+
+    // The near region stops answering: the home moves (so staying above was a choice).
+    lab.block_udp(lab.internet(), router.wan_ip, near.host.ip)
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let r = stream.next();
+        if r["PreferredDERP"] == 902 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "home did not move off an unreachable region: {r:#}"
+        );
+    }
+}
+
+#[test]
+fn udp_blocked_still_measures_region_latency_over_https() {
+    let lab = lab_or_skip!();
+    let near = start_region(&lab, 901, 10);
+    let far = start_region(&lab, 902, 40);
+    let map = write_map(&lab, &[&near, &far]);
+    let router = lab
+        .add_router("blocked", RouterSpec::udp_blocked())
+        .unwrap();
+    let alice = lab.add_lan_host("alice", &router).unwrap();
+
+    let t0 = Instant::now();
+    let r = netcheck(&lab, &alice, &map, &["--no-portmap"]);
+    let took = t0.elapsed();
+    assert_eq!(r["UDP"], false, "{r:#}");
+    assert_eq!(r["HTTPSFallback"], true, "{r:#}");
+    let lat = |id: &str| {
+        r["RegionLatency"][id]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no latency for region {id}: {r:#}"))
+            / 1e6
+    };
+    assert!((18.0..40.0).contains(&lat("901")), "{r:#}");
+    assert!((78.0..110.0).contains(&lat("902")), "{r:#}");
+    assert_eq!(r["PreferredDERP"], 901, "{r:#}");
+    assert!(took < Duration::from_secs(5), "report took {took:?}");
+}
+
+#[test]
+fn port_mapping_through_miniupnpd_lets_outside_packets_in() {
+    let lab = lab_or_skip!(requires: ["miniupnpd", "upnpc"]);
+    let r1 = start_region(&lab, 901, 0);
+    let map = write_map(&lab, &[&r1]);
+    let router = lab.add_router("igd", RouterSpec::upnp()).unwrap();
+    let alice = lab.add_lan_host("alice", &router).unwrap();
+    let outsider = lab.add_server("outsider").unwrap();
+
+    // netcheck sees the router's services.
+    let r = netcheck(&lab, &alice, &map, &[]);
+    assert_eq!(r["PMP"], true, "{r:#}");
+    assert_eq!(r["PCP"], true, "{r:#}");
+    assert_eq!(r["UPnP"], true, "{r:#}");
+
+    // A mapping for port 41641; a datagram from the internet to the mapped port arrives.
+    let mut pm = lab
+        .spawn(
+            &alice,
+            process::agentctl().unwrap(),
+            ["debug", "portmap", "--port", "41641"],
+        )
+        .unwrap();
+    let out = pm
+        .wait_for_output("mapped ", Duration::from_secs(15))
+        .unwrap();
+    let external: SocketAddr = out
+        .lines()
+        .find_map(|l| l.strip_prefix("mapped "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(external.ip(), std::net::IpAddr::V4(router.wan_ip));
+    let sock = lab
+        .udp_bind(&outsider, SocketAddr::from((outsider.ip, 0)))
+        .unwrap();
+    sock.send_to(b"hello through the mapping", external)
+        .unwrap();
+    pm.wait_for_output(
+        &format!("received 25 bytes from {}", sock.local_addr().unwrap()),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+
+    // The router lists it while it lives; on SIGTERM it is deleted there.
+    let entry = format!("{}->{}:41641", external.port(), alice.ip);
+    let listed = lab.exec_ok(&alice, "upnpc", ["-i", "-l"]).unwrap();
+    assert!(listed.contains(&entry), "mapping not listed:\n{listed}");
+    let status = pm.stop().unwrap();
+    assert!(pm.stdout().contains("released"), "{}", pm.stdout());
+    assert!(status.success() || status.code().is_none(), "{status}");
+    let listed = lab.exec_ok(&alice, "upnpc", ["-i", "-l"]).unwrap();
+    assert!(
+        !listed.contains(&entry),
+        "mapping still listed after release:\n{listed}"
+    );
+}
