@@ -47,3 +47,5 @@ pub const MAX_CANDIDATES: usize = 32;
 pub const MAX_OUTSTANDING_PINGS: usize = 128;
 /// Actions queued for the caller per peer.
 pub const MAX_ACTIONS: usize = 256;
+/// First retry of an unanswered call-me-maybe (doubling up to the ping interval).
+pub const CMM_RETRY_MIN: Duration = Duration::from_secs(1);

@@ -254,6 +254,8 @@ pub struct PathState {
     discovering_since: Option<Instant>,
     unanswered_since: Option<Instant>,
     lost_at: Option<Instant>,
+    last_cmm: Option<Instant>,
+    cmm_retry: Duration,
     actions: VecDeque<Action>,
     rng: StdRng,
     pub counters: PathCounters,
@@ -274,6 +276,8 @@ impl PathState {
             discovering_since: None,
             unanswered_since: None,
             lost_at: None,
+            last_cmm: None,
+            cmm_retry: CMM_RETRY_MIN,
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
             counters: PathCounters::default(),
@@ -405,9 +409,49 @@ impl PathState {
             self.send_ping(*a, now);
         }
         self.last_full_ping = Some(now);
-        if !due.is_empty() && self.has_relay {
+        if !due.is_empty() {
+            self.send_call_me_maybe(now);
+        }
+    }
+
+    fn send_call_me_maybe(&mut self, now: Instant) {
+        // One per instant: a retry and a discovery round due together ask only once.
+        if self.has_relay && self.last_cmm != Some(now) {
+            self.last_cmm = Some(now);
             self.push(Action::SendCallMeMaybe);
         }
+    }
+
+    /// While data flows and no pong came back, call-me-maybe is repeated on a short
+    /// backoff (1, 2, 4 s): the first one may have raced the peer's relay connection.
+    fn retry_call_me_maybe(&mut self, now: Instant) {
+        if self.best.is_some() || self.candidates.is_empty() || !self.has_relay {
+            self.cmm_retry = CMM_RETRY_MIN;
+            return;
+        }
+        if let Some(t) = self.last_cmm {
+            if now.saturating_duration_since(t) >= self.cmm_retry {
+                self.send_call_me_maybe(now);
+                self.cmm_retry = (self.cmm_retry * 2).min(DISCO_PING_INTERVAL);
+            }
+        }
+    }
+
+    /// Something changed that may let discovery succeed now (our relay connection came
+    /// up, the peer's endpoints or home region changed): if traffic is flowing and there
+    /// is no trusted path, ping every candidate and call-me-maybe again at once.
+    pub fn rediscover(&mut self, now: Instant) {
+        let active = self
+            .last_data
+            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT);
+        if !active || self.trusted(now) {
+            return;
+        }
+        for c in self.candidates.values_mut() {
+            c.last_ping_sent = None;
+        }
+        self.cmm_retry = CMM_RETRY_MIN;
+        self.discover(now);
     }
 
     fn want_full_ping(&self, now: Instant) -> bool {
@@ -430,6 +474,7 @@ impl PathState {
         }
         if !self.trusted(now) {
             self.discover(now);
+            self.retry_call_me_maybe(now);
         }
     }
 
@@ -593,6 +638,17 @@ impl PathState {
                 self.lose_best(now);
             }
         }
+        if self
+            .last_data
+            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT)
+        {
+            self.retry_call_me_maybe(now);
+        } else {
+            // Idle (or called late, past the active window): no retry is pending, so
+            // no retry deadline may stay behind. The next data send starts over.
+            self.last_cmm = None;
+            self.cmm_retry = CMM_RETRY_MIN;
+        }
         // Heartbeat.
         if let Some(at) = self.heartbeat_at {
             if now >= at {
@@ -625,7 +681,23 @@ impl PathState {
         if let (Some(_), Some(tu)) = (self.best, self.trust_until) {
             consider(tu + PING_TIMEOUT);
         }
-        for c in self.candidates.values() {
+        // The call-me-maybe retry, under exactly the conditions `handle_timeout` retries
+        // in (no direct path, something to ping, a relay, the session still active):
+        // a deadline that `handle_timeout` would not act on would come back forever.
+        if let (None, true, Some(c), Some(d)) =
+            (self.best, self.has_relay, self.last_cmm, self.last_data)
+        {
+            let due = c + self.cmm_retry;
+            if !self.candidates.is_empty() && due < d + SESSION_ACTIVE_TIMEOUT {
+                consider(due);
+            }
+        }
+        let best = self.best.map(|b| b.addr);
+        for (a, c) in &self.candidates {
+            // The best path is kept past its expiry (`prune`), so it has no deadline here.
+            if Some(*a) == best {
+                continue;
+            }
             if let (Some(p), false, false) = (
                 c.sources.pinged_us,
                 c.sources.netmap,
@@ -765,7 +837,7 @@ mod tests {
     }
 
     #[test]
-    fn pongs_stop_falls_back_to_relay_within_the_trust_window() {
+    fn pongs_stop_falls_back_to_relay_within_trust_window() {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
@@ -856,25 +928,41 @@ mod tests {
     }
 
     #[test]
-    fn slightly_faster_candidate_does_not_steal_the_path_but_a_much_faster_one_does() {
+    fn slightly_faster_candidate_does_not_steal_path() {
+        let t0 = Instant::now();
+        let a = addr("198.51.100.2:41641");
+        let b = addr("203.0.113.9:41641");
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        let mut now = settle(&mut p, &[(a, ms(20))], t0);
+        assert_eq!(p.path(), Path::Direct(a));
+        // b appears and keeps answering 5 % faster (then 10 %): the path stays on a.
+        for rtt_b in [19, 19, 18, 18, 18, 18, 18, 18].map(ms) {
+            p.on_call_me_maybe(&[b], now);
+            let (pings, _, _) = drain(&mut p);
+            answer(&mut p, &pings, &[(a, ms(20)), (b, rtt_b)], now);
+            let (_, _, changes) = drain(&mut p);
+            assert!(changes.is_empty(), "{changes:?}");
+            now += Duration::from_secs(6);
+        }
+        assert_eq!(p.path(), Path::Direct(a));
+    }
+
+    #[test]
+    fn much_faster_candidate_takes_path() {
         let t0 = Instant::now();
         let a = addr("198.51.100.2:41641");
         let b = addr("203.0.113.9:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
         let now = settle(&mut p, &[(a, ms(20))], t0);
         assert_eq!(p.path(), Path::Direct(a));
-        // b appears and answers 5 % faster: stays on a.
-        p.on_call_me_maybe(&[b], now);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(a, ms(20)), (b, ms(19))], now);
-        let (_, _, changes) = drain(&mut p);
-        assert!(changes.is_empty(), "{changes:?}");
-        assert_eq!(p.path(), Path::Direct(a));
-        // Later b answers in half the time: it takes over.
+        // b answers in 40 % of the time: it takes over at its first pong.
         let later = now + Duration::from_secs(6);
         p.on_call_me_maybe(&[b], later);
         let (pings, _, _) = drain(&mut p);
         answer(&mut p, &pings, &[(a, ms(20)), (b, ms(8))], later);
+        let (_, _, changes) = drain(&mut p);
+        assert_eq!(changes, vec![Path::Direct(b)]);
+        // And keeps it while it stays that fast.
         let mut t = later;
         for _ in 0..LATENCY_WINDOW {
             t += Duration::from_secs(6);
@@ -973,10 +1061,13 @@ mod tests {
         let sent_before = p.counters.pings_sent;
         // No more data: heartbeats continue until 45 s, then stop.
         let end = t0 + Duration::from_secs(120);
+        let mut rounds = 0;
         while let Some(t) = p.poll_timeout() {
             if t > end {
                 break;
             }
+            rounds += 1;
+            assert!(rounds < 1000, "timer stuck at {:?}", t - t0);
             now = t.max(now);
             p.handle_timeout(now);
             let (pings, _, _) = drain(&mut p);
@@ -1037,5 +1128,192 @@ mod tests {
         p.on_pong(many[0], [0xEE; 12], many[0], t0);
         assert_eq!(p.counters.unknown_pongs, 1);
         assert_eq!(p.path(), Path::Relay);
+    }
+
+    /// Drives `p` through its own deadlines up to `end`, answering no ping; returns
+    /// the instants at which a call-me-maybe was asked for.
+    fn run_unanswered(p: &mut PathState, end: Instant) -> Vec<Instant> {
+        let mut cmm_at = Vec::new();
+        let mut rounds = 0;
+        while let Some(t) = p.poll_timeout() {
+            if t > end {
+                break;
+            }
+            rounds += 1;
+            assert!(rounds < 1000, "timer stuck at {t:?}");
+            p.handle_timeout(t);
+            assert!(
+                p.poll_timeout().is_none_or(|n| n > t),
+                "deadline did not move"
+            );
+            if drain(p).1 {
+                cmm_at.push(t);
+            }
+        }
+        cmm_at
+    }
+
+    #[test]
+    fn unanswered_call_me_maybe_is_repeated_with_backoff_until_idle() {
+        let t0 = Instant::now();
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        assert!(drain(&mut p).1);
+        let mut cmm_at = vec![t0];
+        cmm_at.extend(run_unanswered(&mut p, t0 + Duration::from_secs(300)));
+        let gaps: Vec<Duration> = cmm_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps[..2], [CMM_RETRY_MIN, 2 * CMM_RETRY_MIN], "{gaps:?}");
+        assert!(
+            gaps.iter()
+                .all(|g| *g >= CMM_RETRY_MIN && *g <= DISCO_PING_INTERVAL),
+            "{gaps:?}"
+        );
+        let last = *cmm_at.last().unwrap();
+        assert!(last < t0 + SESSION_ACTIVE_TIMEOUT, "asked while idle");
+        assert!(last >= t0 + SESSION_ACTIVE_TIMEOUT - DISCO_PING_INTERVAL);
+        assert_eq!(
+            p.poll_timeout(),
+            None,
+            "an idle peer with no path needs no timer"
+        );
+    }
+
+    #[test]
+    fn call_me_maybe_is_not_retried_without_a_relay() {
+        let t0 = Instant::now();
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        assert!(drain(&mut p).1);
+        // The peer's home region goes away: no more call-me-maybe, and no timer spins.
+        p.set_relay(false);
+        let cmm_at = run_unanswered(&mut p, t0 + Duration::from_secs(300));
+        assert!(cmm_at.is_empty(), "{cmm_at:?}");
+        assert_eq!(p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn ping_learned_best_path_outlives_45s_without_a_stale_timer() {
+        let t0 = Instant::now();
+        let from = addr("198.51.100.77:5555");
+        let mut p = peer(&[], t0);
+        p.on_ping(Via::Udp(from), [1; 12], t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(from, ms(10))], t0);
+        drain(&mut p);
+        assert_eq!(p.path(), Path::Direct(from));
+        // We keep sending, the peer answers our heartbeats but never pings us again:
+        // the address is still the best path after its 45 s as a ping-learned candidate.
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(90) {
+            now += ms(500);
+            p.on_data_sent(now);
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now);
+            }
+            assert!(
+                p.poll_timeout().is_none_or(|t| t > now),
+                "deadline in the past at {:?}",
+                now - t0
+            );
+            let (pings, _, _) = drain(&mut p);
+            answer(&mut p, &pings, &[(from, ms(10))], now);
+        }
+        assert_eq!(p.path(), Path::Direct(from));
+    }
+
+    #[test]
+    fn rediscover_pings_every_candidate_again_while_untrusted() {
+        let t0 = Instant::now();
+        let a = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641", "203.0.113.9:41641"], t0);
+        p.rediscover(t0);
+        assert_eq!(p.poll_action(), None, "nothing while no data flows");
+        p.on_data_sent(t0);
+        let (pings, cmm, _) = drain(&mut p);
+        assert_eq!((pings.len(), cmm), (2, true));
+        // Half a second later the 5 s spacing would hold pings back; rediscover does not.
+        let t1 = t0 + ms(500);
+        p.rediscover(t1);
+        let (pings, cmm, _) = drain(&mut p);
+        assert_eq!((pings.len(), cmm), (2, true));
+        // With a trusted direct path there is nothing to rediscover.
+        answer(&mut p, &pings, &[(a, ms(10))], t1);
+        drain(&mut p);
+        p.rediscover(t1 + ms(20));
+        assert_eq!(p.poll_action(), None);
+    }
+
+    /// Random inputs (endpoints, call-me-maybe, pings, pongs with loss, relay on and
+    /// off, data or silence) never leave a deadline in the past after `handle_timeout`,
+    /// never break the send rule, and keep the state bounded.
+    #[test]
+    fn timers_always_move_forward_under_random_events() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let t0 = Instant::now();
+        let pool: Vec<SocketAddr> = [
+            "198.51.100.2:41641",
+            "203.0.113.9:41641",
+            "10.0.0.5:41641",
+            "[2001:db8::7]:41641",
+            "[fe80::1]:41641",
+            "127.0.0.1:41641",
+        ]
+        .iter()
+        .map(|a| addr(a))
+        .collect();
+        for seed in 0..48u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut p = PathState::new(seed, t0);
+            let mut now = t0;
+            // Pongs on their way: (arrives at, pinged address, tx).
+            let mut wire: Vec<(Instant, SocketAddr, TxId)> = Vec::new();
+            for _ in 0..400 {
+                // Mostly small steps; sometimes the caller is late by a lot.
+                now += if rng.gen_bool(0.03) {
+                    Duration::from_secs(rng.gen_range(5..120))
+                } else {
+                    ms(rng.gen_range(0..2500))
+                };
+                let pick = |rng: &mut StdRng| -> Vec<SocketAddr> {
+                    pool.iter().copied().filter(|_| rng.gen_bool(0.4)).collect()
+                };
+                match rng.gen_range(0..10) {
+                    0..=2 => p.on_data_sent(now),
+                    3 => p.set_endpoints(&pick(&mut rng), now),
+                    4 => p.on_call_me_maybe(&pick(&mut rng), now),
+                    5 => p.on_ping(Via::Udp(pool[rng.gen_range(0..pool.len())]), rng.gen(), now),
+                    6 => p.on_ping(Via::Relay(1), rng.gen(), now),
+                    7 => p.set_relay(rng.gen_bool(0.8)),
+                    8 => p.rediscover(now),
+                    _ => {}
+                }
+                // Deliver what has arrived, in order.
+                wire.sort_by_key(|w| w.0);
+                while wire.first().is_some_and(|w| w.0 <= now) {
+                    let (_, to, tx) = wire.remove(0);
+                    p.on_pong(to, tx, to, now);
+                }
+                if p.poll_timeout().is_some_and(|t| t <= now) {
+                    p.handle_timeout(now);
+                }
+                assert!(
+                    p.poll_timeout().is_none_or(|t| t > now),
+                    "seed {seed}: deadline in the past at {:?}",
+                    now - t0
+                );
+                let targets = p.send_targets(now);
+                assert!(targets.relay || targets.udp.is_some());
+                let _ = p.reason(now).describe(now);
+                assert!(p.candidates().len() <= MAX_CANDIDATES);
+                assert!(p.outstanding.len() <= MAX_OUTSTANDING_PINGS);
+                let (pings, _, _) = drain(&mut p);
+                for (to, tx) in pings {
+                    if rng.gen_bool(0.7) {
+                        wire.push((now + ms(rng.gen_range(1..80)), to, tx));
+                    }
+                }
+            }
+        }
     }
 }

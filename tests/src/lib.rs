@@ -28,6 +28,7 @@ pub mod netfilter;
 pub mod netns;
 pub mod process;
 pub mod router;
+pub mod scenario;
 pub mod stun;
 pub mod upnp;
 

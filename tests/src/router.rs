@@ -177,7 +177,18 @@ pub(crate) fn ruleset(spec: &RouterSpec) -> String {
     s.push_str("    ct state established,related accept\n");
     s.push_str("    ct status dnat accept\n");
     s.push_str("    iifname != \"wan\" accept\n");
-    s.push_str("  }\n}\n");
+    s.push_str("  }\n");
+    if nat {
+        // Like a real home router, unsolicited traffic to the router's own WAN address is
+        // dropped. Besides realism this matters for hole punching: a packet accepted
+        // here (and answered with port-unreachable) would leave a confirmed conntrack
+        // entry that makes the LAN host's later outbound packet to the same peer collide
+        // and be masqueraded to a different port.
+        s.push_str(
+            "  chain input {\n    type filter hook input priority filter; policy accept;\n    iifname \"wan\" ct state established,related accept\n    iifname \"wan\" drop\n  }\n",
+        );
+    }
+    s.push_str("}\n");
     s
 }
 

@@ -630,3 +630,26 @@ fn namespaces_left_by_a_dead_process_are_removed_by_the_next_lab() {
     );
     drop(lab);
 }
+
+#[test]
+fn two_easy_nats_let_hole_punching_through_even_after_a_packet_was_refused() {
+    let lab = lab_or_skip!();
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let sa = lab.udp_bind(&ha, (ha.ip, 41_641)).unwrap();
+    let sb = lab.udp_bind(&hb, (hb.ip, 41_641)).unwrap();
+    let to_b = SocketAddr::from((rb.wan_ip, 41_641));
+    let to_a = SocketAddr::from((ra.wan_ip, 41_641));
+    // Alice's first packet dies at Bob's router (he never sent to her)…
+    assert!(deliver(&sa, &sb, to_b, Duration::from_millis(300)).is_none());
+    // …but it opened Alice's side: Bob's packet gets in, from the same public port.
+    let (_, from) = deliver(&sb, &sa, to_a, TIMEOUT).expect("bob's packet reaches alice");
+    assert_eq!(
+        from, to_b,
+        "bob's router kept his port (no collision with the refused packet)"
+    );
+    // And now both ways work.
+    assert!(deliver(&sa, &sb, to_b, TIMEOUT).is_some());
+}

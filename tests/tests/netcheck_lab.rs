@@ -14,82 +14,15 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::{lab_or_skip, process, ChildGuard, Host, Lab, LinkParams, RouterSpec};
-
-/// A relay region: one relayd with a self-signed certificate, STUN on 3478, HTTPS on 443.
-struct Region {
-    id: i32,
-    host: Host,
-    _relayd: ChildGuard,
-}
+use tests::scenario::{self, Region};
+use tests::{lab_or_skip, process, Host, Lab, LinkParams, RouterSpec};
 
 fn start_region(lab: &Lab, id: i32, one_way_delay_ms: u64) -> Region {
-    let name = format!("relay{id}");
-    let host = if one_way_delay_ms > 0 {
-        lab.add_server_with_link(&name, LinkParams::delay_ms(one_way_delay_ms))
-            .unwrap()
-    } else {
-        lab.add_server(&name).unwrap()
-    };
-    let ck = rcgen::generate_simple_self_signed(vec![name.clone()]).unwrap();
-    let dir = lab.log_dir().to_path_buf();
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    let mut relayd = lab
-        .spawn(
-            &host,
-            process::relayd().unwrap(),
-            [
-                "--listen".to_string(),
-                format!("{}:443", host.ip),
-                "--stun-listen".to_string(),
-                format!("{}:3478", host.ip),
-                "--tls-cert".to_string(),
-                cert.display().to_string(),
-                "--tls-key".to_string(),
-                key.display().to_string(),
-                "--hostname".to_string(),
-                name.clone(),
-                "--key-file".to_string(),
-                dir.join(format!("{name}.relaykey")).display().to_string(),
-            ],
-        )
-        .unwrap();
-    relayd
-        .wait_for_output("STUN listening", Duration::from_secs(20))
-        .unwrap();
-    Region {
-        id,
-        host,
-        _relayd: relayd,
-    }
+    scenario::start_region(lab, id, one_way_delay_ms).unwrap()
 }
 
 fn write_map(lab: &Lab, regions: &[&Region]) -> PathBuf {
-    let mut map = serde_json::Map::new();
-    for r in regions {
-        map.insert(
-            r.id.to_string(),
-            serde_json::json!({
-                "RegionID": r.id,
-                "RegionCode": format!("r{}", r.id),
-                "RegionName": format!("Region {}", r.id),
-                "Nodes": [{
-                    "Name": format!("{}a", r.id),
-                    "RegionID": r.id,
-                    "HostName": format!("relay{}", r.id),
-                    "IPv4": r.host.ip.to_string(),
-                    "IPv6": "none",
-                    "InsecureForTests": true,
-                }]
-            }),
-        );
-    }
-    let path = lab.log_dir().join("relaymap.json");
-    std::fs::write(&path, serde_json::json!({ "Regions": map }).to_string()).unwrap();
-    path
+    scenario::write_relay_map(lab, regions, &[]).unwrap()
 }
 
 /// One `agentctl netcheck --json` inside `host`.

@@ -259,7 +259,7 @@ async fn watch_database(shared: Arc<Shared>) {
                 continue;
             }
         };
-        if counter != last || ticks % 25 == 0 {
+        if counter != last || ticks.is_multiple_of(25) {
             last = counter;
             if let Err(e) = shared.refresh().await {
                 tracing::warn!(error = %e, "cannot reload the registry");

@@ -33,6 +33,8 @@ use crate::handshake::ClientInfo;
 #[derive(Debug, Clone)]
 pub struct RelayClientConfig {
     pub target: RelayTarget,
+    /// Other nodes of the same region, tried in turn when a connection attempt fails.
+    pub alternates: Vec<RelayTarget>,
     pub key: NodePrivate,
     pub info: ClientInfo,
     /// Whether this relay is the home region (sent as NotePreferred after each connect).
@@ -51,6 +53,7 @@ impl RelayClientConfig {
     pub fn new(target: RelayTarget, key: NodePrivate) -> Self {
         RelayClientConfig {
             target,
+            alternates: Vec::new(),
             key,
             info: ClientInfo::regular(),
             preferred: false,
@@ -196,12 +199,17 @@ async fn run(
     stats: Arc<RelayClientStats>,
 ) {
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
+    let targets: Vec<RelayTarget> = std::iter::once(config.target.clone())
+        .chain(config.alternates.iter().cloned())
+        .collect();
+    let mut current = 0usize;
     loop {
-        let error = match connect(&config.target, &config.key, &config.info).await {
+        let target = &targets[current % targets.len()];
+        let error = match connect(target, &config.key, &config.info).await {
             Ok(conn) => {
                 backoff.reset();
                 stats.connects.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(relay = %config.target.host, server = %conn.server_key.short(), "connected to relay");
+                tracing::info!(relay = %target.host, server = %conn.server_key.short(), "connected to relay");
                 if events
                     .send(RelayEvent::Connected {
                         server_key: conn.server_key,
@@ -216,10 +224,14 @@ async fn run(
                     Err(e) => e,
                 }
             }
-            Err(e) => e.to_string(),
+            Err(e) => {
+                // This node does not answer: the next attempt goes to the region's next.
+                current = (current + 1) % targets.len();
+                e.to_string()
+            }
         };
         let delay = backoff.next_delay(rand::thread_rng().gen());
-        tracing::info!(relay = %config.target.host, error = %error, retry_in = ?delay, "relay connection lost");
+        tracing::info!(relay = %target.host, error = %error, retry_in = ?delay, "relay connection lost");
         if events
             .send(RelayEvent::Disconnected {
                 error,

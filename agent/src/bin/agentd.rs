@@ -1,0 +1,100 @@
+//! `agentd`: the mesh VPN daemon. `agentd up --login-server URL --auth-key KEY` joins
+//! the network and runs until SIGINT or SIGTERM, then removes what it set up.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version, about = "The agentd mesh VPN daemon.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join the network and carry traffic until stopped.
+    Up(UpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// The control server (controld or Headscale), e.g. https://control.example.com.
+    #[arg(long, env = "AGENTD_LOGIN_SERVER")]
+    login_server: String,
+    /// A pre-auth key; without one (and without earlier registration) agentd prints a
+    /// login URL to open.
+    #[arg(long, env = "AGENTD_AUTH_KEY", hide_env_values = true)]
+    auth_key: Option<String>,
+    /// This device's name in the network (default: the host name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Where keys are kept (default: /var/lib/agentd for root on Linux, else the
+    /// per-user data directory).
+    #[arg(long, env = "AGENTD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// UDP port for WireGuard and disco (0 = any).
+    #[arg(long, default_value_t = 41641)]
+    port: u16,
+    /// Name of the TUN device.
+    #[arg(long, default_value = "agentd0")]
+    tun: String,
+    /// Log filter (e.g. info, debug, agent=debug).
+    #[arg(long, default_value = "info", env = "AGENTD_LOG")]
+    log_level: String,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "device".into())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let Command::Up(a) = cli.command;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&a.log_level)
+                .context("bad --log-level filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = agent::engine::Config {
+        login_server: a
+            .login_server
+            .parse()
+            .with_context(|| format!("bad --login-server {:?}", a.login_server))?,
+        auth_key: a.auth_key,
+        hostname: a.hostname.unwrap_or_else(hostname),
+        state_dir: a.state_dir.unwrap_or_else(agent::state::default_state_dir),
+        port: a.port,
+        tun_name: a.tun,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(agent::engine::run(cfg, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

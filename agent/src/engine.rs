@@ -1,0 +1,795 @@
+//! The engine: one task owning the data plane. It applies each netmap (peers added,
+//! removed, updated without dropping their WireGuard sessions), reads IP packets from the
+//! TUN device and sends them to their peer on the path disco chose, demultiplexes what
+//! arrives on the UDP socket and from relays (STUN → netcheck, disco → path selection,
+//! WireGuard → decrypt → TUN), runs netcheck on a schedule and pushes endpoint and
+//! home-region changes to control.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use control::dial::ControlUrl;
+use control::session::{ControlSession, SessionConfig, SessionState};
+use netcheck::{Netchecker, PortMapper, Report, StunInbox};
+use proto::netmap::NetMap;
+use proto::tailcfg::Hostinfo;
+use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
+use rand::Rng as _;
+use relay::client::RelayEvent;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+use crate::peer::{Peer, PeerEvent};
+use crate::relays::Relays;
+use crate::routes::{self, RouteTable};
+use crate::sock::{self, Kind};
+use crate::tundev::{TunDevice, MTU};
+use crate::wg::{self, WgAction, WgRoute};
+
+/// Capability version we advertise (Headscale needs ≥ 113).
+pub const CAP_VERSION: u16 = 113;
+/// WireGuard timers are driven this often.
+const WG_TICK: Duration = Duration::from_millis(250);
+/// Idle relay connections are looked for this often.
+const RELAY_CLEANUP: Duration = Duration::from_secs(15);
+/// Bounded queues between the I/O tasks and the engine.
+const QUEUE: usize = 1024;
+/// Largest datagram we read.
+const MAX_DATAGRAM: usize = 65_535;
+/// A handshake initiation is repeated early (on a new direct path) only this long after
+/// the last one.
+const REINITIATE_AFTER: Duration = Duration::from_millis(200);
+/// Peers we hold at most (netmap entries beyond are ignored and counted).
+const MAX_PEERS: usize = 10_000;
+
+/// How the daemon was asked to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub login_server: ControlUrl,
+    pub auth_key: Option<String>,
+    pub hostname: String,
+    pub state_dir: PathBuf,
+    pub port: u16,
+    pub tun_name: String,
+}
+
+/// Counters of everything the engine drops or does, by reason.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub tun_no_route: u64,
+    pub tun_bad_packet: u64,
+    pub udp_unknown: u64,
+    pub wg_unknown_peer: u64,
+    pub wg_drop: BTreeMap<&'static str, u64>,
+    pub disco_unknown_sender: u64,
+    pub disco_bad: u64,
+    pub disco_cmm_not_via_relay: u64,
+    pub send_no_path: u64,
+    pub stalled_dropped: u64,
+    pub relay_packets_in: u64,
+    pub peers_over_limit: u64,
+    pub stun_dropped: u64,
+}
+
+/// Shared, read-mostly view of when relay regions were last heard from (for netcheck's
+/// home-region hysteresis, which runs in another task).
+type HeardMap = Arc<Mutex<BTreeMap<i32, Instant>>>;
+
+/// Runs agentd until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (keys, created) = crate::state::load_or_create(&cfg.state_dir)?;
+    if created {
+        tracing::info!(dir = %cfg.state_dir.display(), node = %keys.node.public().short(), "new device: keys created");
+    }
+    let disco = DiscoPrivate::generate();
+    let sock = Arc::new(
+        sock::bind_v4(cfg.port).with_context(|| format!("binding UDP port {}", cfg.port))?,
+    );
+    let port = sock.local_addr()?.port();
+    tracing::info!(port, node = %keys.node.public().short(), "agentd starting");
+
+    let session = ControlSession::spawn(SessionConfig {
+        url: cfg.login_server.clone(),
+        machine: keys.machine.clone(),
+        node: keys.node.clone(),
+        disco: disco.public(),
+        hostinfo: Hostinfo {
+            hostname: cfg.hostname.clone(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            ipn_version: env!("CARGO_PKG_VERSION").into(),
+            net_info: None,
+        },
+        endpoints: Vec::new(),
+        auth_key: cfg.auth_key.clone(),
+        version: CAP_VERSION,
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(30),
+    });
+
+    let mut engine = Engine::new(keys.node.clone(), disco, Arc::clone(&sock), port, session);
+    engine.run(cfg, shutdown).await
+}
+
+struct Engine {
+    me: NodePrivate,
+    disco: DiscoPrivate,
+    disco_pub: DiscoPublic,
+    sock: Arc<UdpSocket>,
+    port: u16,
+    session: ControlSession,
+    relays: Relays,
+    relay_rx: mpsc::Receiver<(i32, RelayEvent)>,
+    peers: BTreeMap<NodePublic, Peer>,
+    by_index: BTreeMap<u32, NodePublic>,
+    by_disco: BTreeMap<DiscoPublic, NodePublic>,
+    routes: RouteTable,
+    next_index: u32,
+    tun: Option<Arc<TunDevice>>,
+    tun_out: Option<mpsc::Sender<Vec<u8>>>,
+    endpoints: Vec<SocketAddr>,
+    heard: HeardMap,
+    reported_home: i32,
+    counters: Counters,
+    netmap: Option<Arc<NetMap>>,
+    buf: Vec<u8>,
+}
+
+impl Engine {
+    fn new(
+        me: NodePrivate,
+        disco: DiscoPrivate,
+        sock: Arc<UdpSocket>,
+        port: u16,
+        session: ControlSession,
+    ) -> Self {
+        let (relays, relay_rx) = Relays::new(me.clone());
+        let disco_pub = disco.public();
+        Engine {
+            me,
+            disco,
+            disco_pub,
+            sock,
+            port,
+            session,
+            relays,
+            relay_rx,
+            peers: BTreeMap::new(),
+            by_index: BTreeMap::new(),
+            by_disco: BTreeMap::new(),
+            routes: RouteTable::default(),
+            next_index: 1,
+            tun: None,
+            tun_out: None,
+            endpoints: Vec::new(),
+            heard: Arc::default(),
+            reported_home: 0,
+            counters: Counters::default(),
+            netmap: None,
+            buf: vec![0u8; MAX_DATAGRAM + 64],
+        }
+    }
+
+    async fn run(
+        &mut self,
+        cfg: Config,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        // UDP reader.
+        let (udp_tx, mut udp_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(QUEUE);
+        let (netcheck_inbox_tx, netcheck_inbox_rx) = tokio::sync::oneshot::channel::<StunInbox>();
+        let reader_sock = Arc::clone(&self.sock);
+        let udp_reader = tokio::spawn(async move {
+            let Ok(inbox) = netcheck_inbox_rx.await else {
+                return;
+            };
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                match reader_sock.recv_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        let pkt = &buf[..n];
+                        if sock::classify(pkt) == Kind::Stun {
+                            inbox.deliver(pkt, from);
+                        } else if udp_tx.send((pkt.to_vec(), from)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::trace!(error = %e, "UDP receive error"),
+                }
+            }
+        });
+        let _udp_guard = AbortOnDrop(udp_reader);
+
+        // netcheck, in its own task, on the shared socket.
+        let (report_tx, mut report_rx) = mpsc::channel::<Report>(4);
+        let (map_tx, map_rx) = watch::channel(None::<proto::relaymap::RelayMap>);
+        let portmapper = PortMapper::new();
+        portmapper.map(self.port);
+        let mut portmap_ext = portmapper.external();
+        // netcheck does not wait for the port-mapping probe: the engine's own mapper
+        // reports the mapped address when (and if) the router grants one.
+        let mut nc = Netchecker::with_sockets(Some(Arc::clone(&self.sock)), None, None);
+        let _ = netcheck_inbox_tx.send(nc.inbox());
+        let heard = Arc::clone(&self.heard);
+        let (renetcheck_tx, mut renetcheck_rx) = mpsc::channel::<()>(1);
+        let netcheck_task = tokio::spawn(async move {
+            let mut map_rx = map_rx;
+            loop {
+                let map = loop {
+                    if let Some(m) = map_rx.borrow_and_update().clone() {
+                        break m;
+                    }
+                    if map_rx.changed().await.is_err() {
+                        return;
+                    }
+                };
+                let report = {
+                    let heard = Arc::clone(&heard);
+                    nc.report(&map, move |r| {
+                        heard.lock().ok().and_then(|h| h.get(&r).copied())
+                    })
+                    .await
+                };
+                if report_tx.send(report).await.is_err() {
+                    return;
+                }
+                let wait = Duration::from_millis(rand::thread_rng().gen_range(20_000..26_000));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = renetcheck_rx.recv() => { nc.force_full(); }
+                    r = map_rx.changed() => { if r.is_err() { return; } }
+                }
+            }
+        });
+        let _netcheck_guard = AbortOnDrop(netcheck_task);
+
+        let mut netmap_rx = self.session.netmap.clone();
+        let mut state_rx = self.session.state.clone();
+        let (tun_in_tx, mut tun_in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let mut tun_tasks: Vec<AbortOnDrop> = Vec::new();
+        let mut next_wg_tick = tokio::time::Instant::now() + WG_TICK;
+        let mut next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
+        let mut last_report: Option<Report> = None;
+
+        loop {
+            let next_peer = self
+                .peers
+                .values()
+                .filter_map(|p| p.poll_timeout())
+                .min()
+                .map(tokio::time::Instant::from_std);
+            let wake = [Some(next_wg_tick), Some(next_cleanup), next_peer]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(next_wg_tick);
+            tokio::select! {
+                _ = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    portmapper.release(Duration::from_secs(2)).await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+                Some(pkt) = tun_in_rx.recv() => self.on_tun_packet(&pkt).await,
+                Some((pkt, from)) = udp_rx.recv() => self.on_udp_packet(&pkt, from).await,
+                Some((region, ev)) = self.relay_rx.recv() => self.on_relay_event(region, ev).await,
+                r = netmap_rx.changed() => {
+                    if r.is_err() {
+                        anyhow::bail!("control session stopped");
+                    }
+                    let nm = netmap_rx.borrow_and_update().clone();
+                    if let Some(nm) = nm {
+                        if let Some(m) = &nm.relay_map {
+                            if map_tx.borrow().as_ref() != Some(m) {
+                                map_tx.send_replace(Some(m.clone()));
+                                self.relays.set_map(m.clone());
+                            }
+                        }
+                        if self.tun.is_none() {
+                            if let Some(tun) = self.create_tun(&cfg, &nm)? {
+                                let tun = Arc::new(tun);
+                                let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+                                tun_tasks.push(spawn_tun_reader(Arc::clone(&tun), tun_in_tx.clone()));
+                                tun_tasks.push(spawn_tun_writer(Arc::clone(&tun), out_rx));
+                                self.tun = Some(tun);
+                                self.tun_out = Some(out_tx);
+                            }
+                        }
+                        self.apply_netmap(&nm);
+                        self.netmap = Some(nm);
+                    }
+                }
+                r = state_rx.changed() => {
+                    if r.is_err() {
+                        anyhow::bail!("control session stopped");
+                    }
+                    let st = state_rx.borrow_and_update().clone();
+                    match st {
+                        SessionState::NeedsLogin { url } => {
+                            tracing::warn!(%url, "to add this device, open this URL and log in");
+                        }
+                        SessionState::Refused { reason } => {
+                            tracing::error!(%reason, "the control server refused this device");
+                        }
+                        SessionState::Connected => tracing::info!("connected to the control server"),
+                        _ => {}
+                    }
+                }
+                Some(report) = report_rx.recv() => {
+                    self.on_report(&report, &portmap_ext.borrow().clone()).await;
+                    last_report = Some(report);
+                }
+                r = portmap_ext.changed() => {
+                    if r.is_ok() {
+                        let ext = *portmap_ext.borrow_and_update();
+                        if let Some(e) = ext {
+                            tracing::info!(external = %e, "router mapped a port for us");
+                        }
+                        if let Some(rep) = &last_report {
+                            self.update_endpoints(rep, &ext).await;
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if tokio::time::Instant::now() >= next_wg_tick {
+                self.tick_wireguard().await;
+                next_wg_tick = tokio::time::Instant::now() + WG_TICK;
+            }
+            if tokio::time::Instant::now() >= next_cleanup {
+                self.relays.close_idle(now);
+                next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
+            }
+            self.flush_stalled(now).await;
+            self.drive_peers(now).await;
+            let _ = &renetcheck_tx;
+        }
+    }
+
+    fn create_tun(&self, cfg: &Config, nm: &NetMap) -> anyhow::Result<Option<TunDevice>> {
+        let Some(me) = &nm.self_node else {
+            return Ok(None);
+        };
+        let mut v4 = None;
+        let mut v6 = None;
+        for a in &me.addresses {
+            let ip = a.split('/').next().unwrap_or_default();
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(x)) => v4 = Some(x),
+                Ok(IpAddr::V6(x)) => v6 = Some(x),
+                Err(_) => {}
+            }
+        }
+        let tun = TunDevice::create(&cfg.tun_name, v4, v6).with_context(|| {
+            format!(
+                "creating TUN device {:?} (agentd needs root or CAP_NET_ADMIN)",
+                cfg.tun_name
+            )
+        })?;
+        tracing::info!(dev = tun.name(), ?v4, ?v6, "TUN device up");
+        Ok(Some(tun))
+    }
+
+    fn apply_netmap(&mut self, nm: &NetMap) {
+        let now = Instant::now();
+        let mut seen = std::collections::BTreeSet::new();
+        for node in nm.peers.values() {
+            if node.key == self.me.public() {
+                continue;
+            }
+            if !self.peers.contains_key(&node.key) && self.peers.len() >= MAX_PEERS {
+                self.counters.peers_over_limit += 1;
+                continue;
+            }
+            seen.insert(node.key);
+            tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
+            match self.peers.get_mut(&node.key) {
+                Some(p) => p.update(node, &self.disco, now),
+                None => {
+                    let index = self.next_index;
+                    self.next_index = (self.next_index + 1) & 0x00FF_FFFF;
+                    let p = Peer::new(node, &self.me, &self.disco, index, now);
+                    tracing::info!(peer = %node.key.short(), name = %node.name, "peer added");
+                    self.by_index.insert(index, node.key);
+                    self.peers.insert(node.key, p);
+                }
+            }
+        }
+        let gone: Vec<NodePublic> = self
+            .peers
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(p) = self.peers.remove(&k) {
+                tracing::info!(peer = %k.short(), "peer removed");
+                self.by_index.remove(&p.index);
+            }
+        }
+        self.by_disco = self
+            .peers
+            .iter()
+            .filter_map(|(k, p)| p.disco_key.map(|d| (d, *k)))
+            .collect();
+        self.routes = RouteTable::build(self.peers.iter().map(|(k, p)| (*k, &p.allowed_ips[..])));
+    }
+
+    async fn on_report(&mut self, report: &Report, ext: &Option<std::net::SocketAddrV4>) {
+        if report.preferred_relay != 0 && self.relays.home() != Some(report.preferred_relay) {
+            tracing::info!(region = report.preferred_relay, "home relay region");
+            self.relays.set_home(report.preferred_relay);
+        }
+        self.report_home().await;
+        self.update_endpoints(report, ext).await;
+    }
+
+    /// Tells control our home region once we are connected there: a peer that learns
+    /// it then finds us on that relay (a packet sent to a relay before we are connected
+    /// to it is dropped there).
+    async fn report_home(&mut self) {
+        let Some(home) = self.relays.home() else {
+            return;
+        };
+        if self.reported_home != home && self.relays.connected(home) {
+            self.reported_home = home;
+            self.session.set_home_region(home).await;
+        }
+    }
+
+    async fn update_endpoints(&mut self, report: &Report, ext: &Option<std::net::SocketAddrV4>) {
+        let mut eps: Vec<SocketAddr> = Vec::new();
+        if let Some(e) = ext {
+            eps.push(SocketAddr::V4(*e));
+        }
+        if let Some(g) = report.global_v4 {
+            eps.push(g);
+            // A hard NAT may still keep our port for some destinations.
+            if report.mapping_varies_by_dest_ip == Some(true) {
+                eps.push(SocketAddr::new(g.ip(), self.port));
+            }
+        }
+        for ip in crate::interfaces::local_addresses() {
+            eps.push(SocketAddr::new(ip, self.port));
+        }
+        let mut dedup = Vec::new();
+        for e in eps {
+            if !dedup.contains(&e) {
+                dedup.push(e);
+            }
+        }
+        if dedup != self.endpoints {
+            tracing::info!(endpoints = ?dedup, "endpoints changed");
+            self.endpoints = dedup.clone();
+            self.session
+                .set_endpoints(dedup.iter().map(|e| e.to_string()).collect())
+                .await;
+        }
+    }
+
+    /// An IP packet from the TUN device: to its peer.
+    async fn on_tun_packet(&mut self, pkt: &[u8]) {
+        let Some(dst) = routes::destination(pkt) else {
+            self.counters.tun_bad_packet += 1;
+            return;
+        };
+        let Some(key) = self.routes.lookup(dst) else {
+            self.counters.tun_no_route += 1;
+            return;
+        };
+        let now = Instant::now();
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let out = match p.wg.encapsulate(pkt, &mut self.buf) {
+            WgAction::Send(b) => Some(Bytes::copy_from_slice(b)),
+            WgAction::Drop(r) => {
+                *self.counters.wg_drop.entry(r).or_default() += 1;
+                None
+            }
+            _ => None,
+        };
+        p.on_data_sent(now);
+        if let Some(b) = out {
+            self.send_to_peer(key, b, now).await;
+        }
+    }
+
+    /// Sends a WireGuard datagram to `key` on the path its disco state says (§3.3).
+    async fn send_to_peer(&mut self, key: NodePublic, datagram: Bytes, now: Instant) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        let (udp, relay) = p.send_targets(now);
+        if datagram.first() == Some(&1) {
+            // A handshake initiation (WireGuard message type 1).
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.last_initiation = Some(now);
+            }
+        }
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        let region = p.home_region;
+        let mut sent = false;
+        if let Some(addr) = udp {
+            sent |= self.sock.send_to(&datagram, addr).await.is_ok();
+        }
+        if (relay || !sent) && region > 0 {
+            sent |= self.relays.send(region, key, datagram.clone(), now);
+        }
+        if !sent {
+            self.counters.send_no_path += 1;
+            let held = self.peers.get_mut(&key).is_some_and(|p| p.stall(datagram));
+            if !held {
+                self.counters.stalled_dropped += 1;
+            }
+            tracing::debug!(peer = %key.short(), region, held, "no path to peer yet");
+        }
+    }
+
+    /// Sends what was held for peers that now have a path.
+    async fn flush_stalled(&mut self, now: Instant) {
+        let ready: Vec<NodePublic> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.stalled.is_empty() && p.has_path(now))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ready {
+            let held = self
+                .peers
+                .get_mut(&k)
+                .map(|p| std::mem::take(&mut p.stalled))
+                .unwrap_or_default();
+            tracing::debug!(peer = %k.short(), n = held.len(), "sending held packets");
+            for d in held {
+                self.send_to_peer(k, d, now).await;
+            }
+        }
+    }
+
+    async fn on_udp_packet(&mut self, pkt: &[u8], from: SocketAddr) {
+        match sock::classify(pkt) {
+            Kind::Disco => self.on_disco(pkt, crate::peer::Via::Udp(from), None).await,
+            Kind::WireGuard => self.on_wireguard(pkt, Some(from), None).await,
+            Kind::Stun => {}
+            Kind::Unknown => self.counters.udp_unknown += 1,
+        }
+    }
+
+    async fn on_relay_event(&mut self, region: i32, ev: RelayEvent) {
+        let now = Instant::now();
+        self.relays.note_event(region, &ev, now);
+        if matches!(ev, RelayEvent::Connected { .. }) {
+            self.report_home().await;
+            // Call-me-maybe may have been lost while this connection was down.
+            for p in self.peers.values_mut().filter(|p| p.home_region == region) {
+                p.path.rediscover(now);
+            }
+        }
+        if let Ok(mut h) = self.heard.lock() {
+            if let Some(t) = self.relays.last_heard(region) {
+                h.insert(region, t);
+            }
+        }
+        if let RelayEvent::Packet { src, payload } = ev {
+            self.counters.relay_packets_in += 1;
+            match sock::classify(&payload) {
+                Kind::Disco => {
+                    self.on_disco(&payload, crate::peer::Via::Relay(region), Some(src))
+                        .await
+                }
+                Kind::WireGuard => self.on_wireguard(&payload, None, Some(src)).await,
+                _ => self.counters.udp_unknown += 1,
+            }
+        }
+    }
+
+    async fn on_wireguard(
+        &mut self,
+        pkt: &[u8],
+        from: Option<SocketAddr>,
+        relay_src: Option<NodePublic>,
+    ) {
+        let key = match relay_src {
+            Some(k) => Some(k),
+            None => match wg::route(&self.me, pkt) {
+                WgRoute::Initiation(k) => Some(k),
+                WgRoute::Index(i) => self.by_index.get(&i).copied(),
+                WgRoute::Unknown => None,
+            },
+        };
+        let Some(key) = key.filter(|k| self.peers.contains_key(k)) else {
+            self.counters.wg_unknown_peer += 1;
+            return;
+        };
+        let now = Instant::now();
+        let mut deliver: Vec<Vec<u8>> = Vec::new();
+        let mut send: Vec<Bytes> = Vec::new();
+        {
+            let Some(p) = self.peers.get_mut(&key) else {
+                return;
+            };
+            if let Some(a) = from {
+                p.on_udp_received(a, now);
+            }
+            match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
+                WgAction::Deliver(b) => deliver.push(b.to_vec()),
+                WgAction::Send(b) => {
+                    send.push(Bytes::copy_from_slice(b));
+                    while let WgAction::Send(b) = p.wg.flush(&mut self.buf) {
+                        send.push(Bytes::copy_from_slice(b));
+                    }
+                }
+                WgAction::Drop(r) => *self.counters.wg_drop.entry(r).or_default() += 1,
+                WgAction::None => {}
+            }
+        }
+        for b in send {
+            self.send_to_peer(key, b, now).await;
+        }
+        if let Some(out) = &self.tun_out {
+            for d in deliver {
+                // Only packets from the addresses this peer owns reach the OS.
+                let ok = routes::source(&d).is_some_and(|s| self.routes.lookup(s) == Some(key));
+                if !ok {
+                    *self
+                        .counters
+                        .wg_drop
+                        .entry("source not allowed")
+                        .or_default() += 1;
+                    continue;
+                }
+                let _ = out.try_send(d);
+            }
+        }
+    }
+
+    async fn on_disco(&mut self, pkt: &[u8], via: crate::peer::Via, relay_src: Option<NodePublic>) {
+        let Some(sender) = disco::sender_key(pkt) else {
+            self.counters.disco_bad += 1;
+            return;
+        };
+        let Some(key) = self.by_disco.get(&sender).copied() else {
+            self.counters.disco_unknown_sender += 1;
+            tracing::debug!(sender = %sender.short(), ?via, "disco from a key not in the netmap");
+            return;
+        };
+        let now = Instant::now();
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        match p.handle_disco(pkt, via, relay_src, now) {
+            Ok(()) => {}
+            Err(crate::peer::DiscoDrop::Bad) => {
+                self.counters.disco_bad += 1;
+                tracing::debug!(peer = %key.short(), ?via, "disco message did not open");
+            }
+            Err(crate::peer::DiscoDrop::CallMeMaybeNotViaRelay) => {
+                self.counters.disco_cmm_not_via_relay += 1
+            }
+        }
+        self.drive_peer(key, now).await;
+    }
+
+    async fn drive_peers(&mut self, now: Instant) {
+        let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.drive_peer(k, now).await;
+        }
+    }
+
+    /// Runs a peer's disco timers and carries out what it asks for.
+    async fn drive_peer(&mut self, key: NodePublic, now: Instant) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        p.handle_timeout(now);
+        let mut out: Vec<PeerEvent> = Vec::new();
+        while let Some(e) = p.poll_event(&self.disco_pub, &self.me.public(), &self.endpoints) {
+            out.push(e);
+        }
+        // A direct path appeared while our handshake is still unanswered: the initiation
+        // was probably lost (the peer's relay connection was not up yet, say). Send a new
+        // one on the path that works instead of waiting out WireGuard's 5 s retry.
+        let mut reinit = None;
+        if std::mem::take(&mut p.went_direct)
+            && p.wg.no_session()
+            && p.last_initiation
+                .is_some_and(|t| now.saturating_duration_since(t) >= REINITIATE_AFTER)
+        {
+            if let WgAction::Send(b) = p.wg.initiate(&mut self.buf) {
+                reinit = Some(Bytes::copy_from_slice(b));
+            }
+        }
+        let region = p.home_region;
+        for e in out {
+            match &e {
+                PeerEvent::SendUdp { to, .. } => {
+                    tracing::debug!(peer = %key.short(), %to, "disco ping")
+                }
+                PeerEvent::SendRelay { .. } => {
+                    tracing::debug!(peer = %key.short(), region, "disco via relay")
+                }
+            }
+            match e {
+                PeerEvent::SendUdp { to, packet } => {
+                    let _ = self.sock.send_to(&packet, to).await;
+                }
+                PeerEvent::SendRelay { region: r, packet } => {
+                    let r = if r > 0 { r } else { region };
+                    if r > 0 {
+                        self.relays.send(r, key, Bytes::from(packet), now);
+                    }
+                }
+            }
+        }
+        if let Some(b) = reinit {
+            tracing::debug!(peer = %key.short(), "direct path found: handshake sent again");
+            self.send_to_peer(key, b, now).await;
+        }
+    }
+
+    async fn tick_wireguard(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
+        for k in keys {
+            let mut send = Vec::new();
+            if let Some(p) = self.peers.get_mut(&k) {
+                if let WgAction::Send(b) = p.wg.tick(&mut self.buf) {
+                    send.push(Bytes::copy_from_slice(b));
+                }
+            }
+            for b in send {
+                self.send_to_peer(k, b, now).await;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<u8>>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut buf = vec![0u8; usize::from(MTU) + 64];
+        loop {
+            match tun.recv(&mut buf).await {
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TUN read failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
+}
+
+fn spawn_tun_writer(tun: Arc<TunDevice>, mut rx: mpsc::Receiver<Vec<u8>>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            if let Err(e) = tun.send(&p).await {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        }
+    }))
+}

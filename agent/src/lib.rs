@@ -1,0 +1,13 @@
+//! agentd, the daemon on every device: keeps the control session, measures the network,
+//! holds relay connections, chooses paths with disco, and carries IP packets between the
+//! TUN device and peers inside WireGuard.
+
+pub mod engine;
+pub mod interfaces;
+pub mod peer;
+pub mod relays;
+pub mod routes;
+pub mod sock;
+pub mod state;
+pub mod tundev;
+pub mod wg;

@@ -1,0 +1,293 @@
+//! One peer as the engine sees it: its WireGuard session, its disco key and sealing box,
+//! and its path-selection state (from the `disco` crate), plus what the netmap says about
+//! it (addresses, endpoints, home region). It turns disco decisions into datagrams to
+//! send; the engine does the sending.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use disco::path::{Action, PathState, Via as PathVia};
+use disco::{DiscoBox, Message};
+use proto::tailcfg::Node;
+use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
+
+use crate::wg::WgPeer;
+
+/// Where a disco message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Udp(SocketAddr),
+    Relay(i32),
+}
+
+/// Something the engine must send for this peer.
+#[derive(Debug)]
+pub enum PeerEvent {
+    SendUdp {
+        to: SocketAddr,
+        packet: Vec<u8>,
+    },
+    /// Through the relay region (0 = the peer's home region).
+    SendRelay {
+        region: i32,
+        packet: Vec<u8>,
+    },
+}
+
+/// Why a disco message was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoDrop {
+    Bad,
+    CallMeMaybeNotViaRelay,
+}
+
+/// Replies waiting to be sent (pongs), bounded.
+const MAX_PENDING: usize = 64;
+/// WireGuard datagrams held while the peer has no path at all (no home region known
+/// yet, no direct address): sent as soon as one appears. A handshake initiation and a
+/// few packets behind it are all that is worth keeping.
+pub const MAX_STALLED: usize = 16;
+
+pub struct Peer {
+    pub key: NodePublic,
+    pub index: u32,
+    pub wg: WgPeer,
+    pub disco_key: Option<DiscoPublic>,
+    disco_box: Option<DiscoBox>,
+    pub path: PathState,
+    pub allowed_ips: Vec<String>,
+    pub home_region: i32,
+    pub name: String,
+    pending: VecDeque<PeerEvent>,
+    /// When we last sent a WireGuard handshake initiation.
+    pub last_initiation: Option<Instant>,
+    /// Path selection just found a direct path.
+    pub went_direct: bool,
+    /// Datagrams waiting for a path (bounded by [`MAX_STALLED`]).
+    pub stalled: VecDeque<bytes::Bytes>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("key", &self.key.short())
+            .field("home_region", &self.home_region)
+            .finish_non_exhaustive()
+    }
+}
+
+fn endpoints(node: &Node) -> Vec<SocketAddr> {
+    node.endpoints
+        .iter()
+        .filter_map(|e| e.parse().ok())
+        .collect()
+}
+
+impl Peer {
+    pub fn new(
+        node: &Node,
+        me: &NodePrivate,
+        disco: &DiscoPrivate,
+        index: u32,
+        now: Instant,
+    ) -> Self {
+        let mut path = PathState::new(rand::random(), now);
+        path.set_endpoints(&endpoints(node), now);
+        path.set_relay(node.home_region() > 0);
+        Peer {
+            key: node.key,
+            index,
+            wg: WgPeer::new(me, &node.key, index),
+            disco_key: node.disco_key,
+            disco_box: node.disco_key.map(|d| DiscoBox::new(disco, &d)),
+            path,
+            allowed_ips: node.routes().to_vec(),
+            home_region: node.home_region(),
+            name: node.name.clone(),
+            pending: VecDeque::new(),
+            stalled: VecDeque::new(),
+            last_initiation: None,
+            went_direct: false,
+        }
+    }
+
+    /// A newer netmap entry for this peer: the WireGuard session is kept.
+    pub fn update(&mut self, node: &Node, disco: &DiscoPrivate, now: Instant) {
+        if node.disco_key != self.disco_key {
+            // A restarted peer: new disco key, so old paths and pings mean nothing.
+            self.disco_key = node.disco_key;
+            self.disco_box = node.disco_key.map(|d| DiscoBox::new(disco, &d));
+            self.path = PathState::new(rand::random(), now);
+        }
+        let eps = endpoints(node);
+        let changed = node.home_region() != self.home_region
+            || eps
+                .iter()
+                .any(|e| !self.path.candidates().iter().any(|(a, _)| a == e));
+        self.path.set_endpoints(&eps, now);
+        self.path.set_relay(node.home_region() > 0);
+        self.allowed_ips = node.routes().to_vec();
+        self.home_region = node.home_region();
+        if changed {
+            // A new way to reach the peer: look for a direct path again at once.
+            self.path.rediscover(now);
+        }
+        self.name = node.name.clone();
+    }
+
+    /// Holds a datagram that found no path; false (and nothing held) when full.
+    pub fn stall(&mut self, datagram: bytes::Bytes) -> bool {
+        if self.stalled.len() >= MAX_STALLED {
+            return false;
+        }
+        self.stalled.push_back(datagram);
+        true
+    }
+
+    /// Whether a datagram sent now would have somewhere to go.
+    pub fn has_path(&self, now: Instant) -> bool {
+        self.home_region > 0 || self.path.send_targets(now).udp.is_some()
+    }
+
+    pub fn on_data_sent(&mut self, now: Instant) {
+        self.path.on_data_sent(now);
+    }
+
+    pub fn on_udp_received(&mut self, _from: SocketAddr, _now: Instant) {}
+
+    /// Where a datagram goes now: (UDP address, also via relay).
+    pub fn send_targets(&self, now: Instant) -> (Option<SocketAddr>, bool) {
+        let t = self.path.send_targets(now);
+        (t.udp, t.relay || t.udp.is_none())
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.path.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.path.handle_timeout(now);
+    }
+
+    /// Opens and handles a disco message from this peer.
+    pub fn handle_disco(
+        &mut self,
+        pkt: &[u8],
+        via: Via,
+        relay_src: Option<NodePublic>,
+        now: Instant,
+    ) -> Result<(), DiscoDrop> {
+        let Some(bx) = &self.disco_box else {
+            return Err(DiscoDrop::Bad);
+        };
+        let msg = bx.open(pkt).map_err(|_| DiscoDrop::Bad)?;
+        tracing::debug!(peer = %self.key.short(), ?via, ?msg, "disco received");
+        match msg {
+            Message::Ping { tx_id, .. } => {
+                let (src, reply) = match via {
+                    Via::Udp(a) => (a, PeerReply::Udp(a)),
+                    // Over a relay the "source" is the relay's magic address.
+                    Via::Relay(r) => (
+                        SocketAddr::from(([127, 3, 3, 40], u16::try_from(r).unwrap_or(0))),
+                        PeerReply::Relay(r),
+                    ),
+                };
+                let pong = Message::Pong { tx_id, src };
+                if self.pending.len() < MAX_PENDING {
+                    self.pending.push_back(PeerReply::into_event(reply, pong));
+                }
+                let pv = match via {
+                    Via::Udp(a) => PathVia::Udp(a),
+                    Via::Relay(r) => PathVia::Relay(r),
+                };
+                self.path.on_ping(pv, tx_id, now);
+            }
+            Message::Pong { tx_id, src } => {
+                if let Via::Udp(from) = via {
+                    self.path.on_pong(from, tx_id, src, now);
+                }
+            }
+            Message::CallMeMaybe { endpoints } => {
+                // Honoured only over a relay, from the node that owns this disco key.
+                if !matches!(via, Via::Relay(_)) || relay_src != Some(self.key) {
+                    return Err(DiscoDrop::CallMeMaybeNotViaRelay);
+                }
+                self.path.on_call_me_maybe(&endpoints, now);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The next datagram to send for this peer: pongs first, then what path selection
+    /// asks for (pings, call-me-maybe).
+    pub fn poll_event(
+        &mut self,
+        my_disco: &DiscoPublic,
+        my_node: &NodePublic,
+        my_endpoints: &[SocketAddr],
+    ) -> Option<PeerEvent> {
+        let bx = self.disco_box.as_ref()?;
+        if let Some(e) = self.pending.pop_front() {
+            return Some(match e {
+                PeerEvent::SendUdp { to, packet } => PeerEvent::SendUdp {
+                    to,
+                    packet: seal_pending(bx, my_disco, &packet),
+                },
+                PeerEvent::SendRelay { region, packet } => PeerEvent::SendRelay {
+                    region,
+                    packet: seal_pending(bx, my_disco, &packet),
+                },
+            });
+        }
+        loop {
+            match self.path.poll_action()? {
+                Action::SendPing { to, tx_id } => {
+                    let msg = Message::Ping {
+                        tx_id,
+                        node_key: Some(*my_node),
+                        padding: 0,
+                    };
+                    return Some(PeerEvent::SendUdp {
+                        to,
+                        packet: bx.seal(my_disco, &msg),
+                    });
+                }
+                Action::SendCallMeMaybe => {
+                    let msg = Message::CallMeMaybe {
+                        endpoints: my_endpoints.to_vec(),
+                    };
+                    return Some(PeerEvent::SendRelay {
+                        region: 0,
+                        packet: bx.seal(my_disco, &msg),
+                    });
+                }
+                Action::PathChanged(p) => {
+                    self.went_direct |= matches!(p, disco::path::Path::Direct(_));
+                    tracing::info!(peer = %self.key.short(), name = %self.name, path = %p, "path changed");
+                }
+            }
+        }
+    }
+}
+
+/// A pong waiting to be sealed: the message is kept encoded until `poll_event`.
+enum PeerReply {
+    Udp(SocketAddr),
+    Relay(i32),
+}
+
+impl PeerReply {
+    fn into_event(self, msg: Message) -> PeerEvent {
+        let packet = msg.encode();
+        match self {
+            PeerReply::Udp(to) => PeerEvent::SendUdp { to, packet },
+            PeerReply::Relay(region) => PeerEvent::SendRelay { region, packet },
+        }
+    }
+}
+
+fn seal_pending(bx: &DiscoBox, my_disco: &DiscoPublic, plaintext: &[u8]) -> Vec<u8> {
+    bx.seal_plaintext(my_disco, plaintext)
+}

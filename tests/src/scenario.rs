@@ -1,0 +1,241 @@
+//! Building blocks of end-to-end scenarios: relay regions (the real `relayd` with a
+//! self-signed certificate, STUN and HTTPS), the relay map that lists them, a `controld`
+//! with a user and a pre-auth key, and `agentd` devices joining it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{LabError, Result};
+use crate::lab::{Host, Lab};
+use crate::link::LinkParams;
+use crate::process::{self, ChildGuard};
+
+fn write(path: impl AsRef<Path>, data: impl AsRef<[u8]>) -> Result<()> {
+    let path = path.as_ref();
+    std::fs::write(path, data).map_err(|e| LabError::io(format!("writing {}", path.display()), e))
+}
+
+/// One relay region: a single relayd on its own server (HTTPS on 443, STUN on 3478).
+#[derive(Debug)]
+pub struct Region {
+    pub id: i32,
+    pub host: Host,
+    pub relayd: ChildGuard,
+}
+
+/// Starts relayd on `host`, with a fresh self-signed certificate.
+pub fn start_relayd(lab: &Lab, host: &Host, name: &str) -> Result<ChildGuard> {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()])
+        .map_err(|e| LabError::Invalid(format!("certificate: {e}")))?;
+    let dir = lab.log_dir().to_path_buf();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    write(&cert, ck.cert.pem())?;
+    write(&key, ck.key_pair.serialize_pem())?;
+    let mut relayd = lab.spawn(
+        host,
+        process::relayd()?,
+        [
+            "--listen".to_string(),
+            format!("{}:443", host.ip),
+            "--stun-listen".to_string(),
+            format!("{}:3478", host.ip),
+            "--tls-cert".to_string(),
+            cert.display().to_string(),
+            "--tls-key".to_string(),
+            key.display().to_string(),
+            "--hostname".to_string(),
+            name.to_string(),
+            "--key-file".to_string(),
+            dir.join(format!("{name}.relaykey")).display().to_string(),
+        ],
+    )?;
+    relayd.wait_for_output("STUN listening", Duration::from_secs(20))?;
+    Ok(relayd)
+}
+
+/// A region `id` on a server whose link has `one_way_delay_ms` each way (0: plain veth).
+pub fn start_region(lab: &Lab, id: i32, one_way_delay_ms: u64) -> Result<Region> {
+    let name = format!("relay{id}");
+    let host = if one_way_delay_ms > 0 {
+        lab.add_server_with_link(&name, LinkParams::delay_ms(one_way_delay_ms))?
+    } else {
+        lab.add_server(&name)?
+    };
+    let relayd = start_relayd(lab, &host, &name)?;
+    Ok(Region { id, host, relayd })
+}
+
+/// The relay-map JSON node for a relay on `ip`.
+fn node_json(region: i32, suffix: &str, ip: Ipv4Addr) -> serde_json::Value {
+    serde_json::json!({
+        "Name": format!("{region}{suffix}"),
+        "RegionID": region,
+        "HostName": format!("relay{region}"),
+        "IPv4": ip.to_string(),
+        "IPv6": "none",
+        "InsecureForTests": true,
+    })
+}
+
+/// Writes a relay map listing `regions` (each with one node, or several: `extra` adds
+/// more nodes to a region) into the lab's folder and returns its path.
+pub fn write_relay_map(
+    lab: &Lab,
+    regions: &[&Region],
+    extra: &[(i32, Ipv4Addr)],
+) -> Result<PathBuf> {
+    let mut map = serde_json::Map::new();
+    for r in regions {
+        let mut nodes = vec![node_json(r.id, "a", r.host.ip)];
+        for (i, (id, ip)) in extra.iter().filter(|(id, _)| *id == r.id).enumerate() {
+            let suffix = ((b'b' + i as u8) as char).to_string();
+            nodes.push(node_json(*id, &suffix, *ip));
+        }
+        map.insert(
+            r.id.to_string(),
+            serde_json::json!({
+                "RegionID": r.id,
+                "RegionCode": format!("r{}", r.id),
+                "RegionName": format!("Region {}", r.id),
+                "Nodes": nodes,
+            }),
+        );
+    }
+    let path = lab.log_dir().join("relaymap.json");
+    write(&path, serde_json::json!({ "Regions": map }).to_string())?;
+    Ok(path)
+}
+
+/// A running controld with one user and a reusable pre-auth key.
+#[derive(Debug)]
+pub struct Control {
+    pub host: Host,
+    pub url: String,
+    pub db: PathBuf,
+    pub auth_key: String,
+    pub server: ChildGuard,
+}
+
+fn controld_cli(lab: &Lab, host: &Host, db: &Path, args: &[&str]) -> Result<String> {
+    let mut all = vec!["--db".to_string(), db.display().to_string()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    lab.exec_ok(host, process::controld()?, all)
+}
+
+/// Starts controld (plain HTTP on port 8080) on a new internet server, serving `map`.
+pub fn start_control(lab: &Lab, map: &Path) -> Result<Control> {
+    let host = lab.add_server("control")?;
+    let db = lab.log_dir().join("controld.db");
+    controld_cli(lab, &host, &db, &["users", "create", "lab"])?;
+    let auth_key = controld_cli(
+        lab,
+        &host,
+        &db,
+        &[
+            "keys",
+            "create",
+            "--user",
+            "lab",
+            "--reusable",
+            "--expiration",
+            "1h",
+        ],
+    )?
+    .trim()
+    .to_string();
+    let listen = SocketAddr::from((host.ip, 8080));
+    let mut server = lab.spawn(
+        &host,
+        process::controld()?,
+        [
+            "--db".to_string(),
+            db.display().to_string(),
+            "serve".to_string(),
+            "--dev".to_string(),
+            "--listen".to_string(),
+            listen.to_string(),
+            "--relay-map".to_string(),
+            map.display().to_string(),
+        ],
+    )?;
+    server.wait_for_output("listening", Duration::from_secs(20))?;
+    Ok(Control {
+        url: format!("http://{listen}"),
+        host,
+        db,
+        auth_key,
+        server,
+    })
+}
+
+/// A running agentd.
+#[derive(Debug)]
+pub struct Device {
+    pub name: String,
+    pub host: Host,
+    pub agentd: ChildGuard,
+    /// Its tunnel address, once known.
+    pub ip: Ipv4Addr,
+}
+
+/// Starts `agentd up` on `host` and waits until its TUN device is up; returns the
+/// device with its 100.x address.
+pub fn start_agentd(lab: &Lab, host: &Host, name: &str, control: &Control) -> Result<Device> {
+    let state = lab.log_dir().join(format!("{name}-state"));
+    let mut agentd = lab.spawn(
+        host,
+        process::agentd()?,
+        [
+            "up".to_string(),
+            "--login-server".to_string(),
+            control.url.clone(),
+            "--auth-key".to_string(),
+            control.auth_key.clone(),
+            "--hostname".to_string(),
+            name.to_string(),
+            "--state-dir".to_string(),
+            state.display().to_string(),
+            "--log-level".to_string(),
+            "info,agent=debug".to_string(),
+        ],
+    )?;
+    let out = agentd.wait_for_output("TUN device up", Duration::from_secs(20))?;
+    let ip = out
+        .lines()
+        .find(|l| l.contains("TUN device up"))
+        .and_then(|l| l.split("v4=Some(").nth(1))
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| LabError::Invalid(format!("no tunnel address in agentd's log:\n{out}")))?;
+    Ok(Device {
+        name: name.to_string(),
+        host: host.clone(),
+        agentd,
+        ip,
+    })
+}
+
+/// Pings `to` from `from` once, waiting up to `wait`; returns the round trip.
+pub fn ping_once(lab: &Lab, from: &Host, to: Ipv4Addr, wait: Duration) -> Option<Duration> {
+    let secs = wait.as_secs().max(1).to_string();
+    let start = Instant::now();
+    let out = lab
+        .exec(
+            from,
+            "ping",
+            ["-c", "1", "-W", &secs, "-n", &to.to_string()],
+        )
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("time=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|ms| ms.parse::<f64>().ok())
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .or(Some(start.elapsed()))
+}
