@@ -152,10 +152,17 @@ pub(crate) fn ruleset(spec: &RouterSpec) -> String {
     s.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );
+    // Only forwarded traffic is translated: the router's own packets already carry its
+    // WAN address (and miniupnpd, checking by STUN that it is not behind another NAT,
+    // must see its own ports unchanged or it turns port forwarding off).
     match spec.nat {
         Nat::None => {}
-        Nat::EasyEim => s.push_str("    oifname \"wan\" masquerade persistent\n"),
-        Nat::Hard => s.push_str("    oifname \"wan\" masquerade fully-random\n"),
+        Nat::EasyEim => {
+            s.push_str("    oifname \"wan\" fib saddr type != local masquerade persistent\n")
+        }
+        Nat::Hard => {
+            s.push_str("    oifname \"wan\" fib saddr type != local masquerade fully-random\n")
+        }
     }
     s.push_str("  }\n");
     if full_cone {

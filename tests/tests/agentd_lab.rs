@@ -34,7 +34,11 @@ fn first_ping(lab: &Lab, from: &Host, to: Ipv4Addr, within: Duration) -> Duratio
     let t0 = Instant::now();
     while t0.elapsed() < within {
         if let Some(rtt) = ping_once(lab, from, to, Duration::from_secs(1)) {
-            eprintln!("{}: first ping to {to} after {:?} (rtt {rtt:?})", from.node.name(), t0.elapsed());
+            eprintln!(
+                "{}: first ping to {to} after {:?} (rtt {rtt:?})",
+                from.node.name(),
+                t0.elapsed()
+            );
             return t0.elapsed();
         }
     }
@@ -80,7 +84,10 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
     let relayed = lab
         .count_packets(
             lab.internet(),
-            &format!("ip saddr {} ip daddr {} tcp dport 443", ra.wan_ip, w.near.host.ip),
+            &format!(
+                "ip saddr {} ip daddr {} tcp dport 443",
+                ra.wan_ip, w.near.host.ip
+            ),
         )
         .unwrap();
     let (ha, _hb, mut a, mut b) = devices(&lab, &w, &ra, &rb);
@@ -93,14 +100,20 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
     // The path becomes direct within a second.
     let t = wait_direct(&mut a, up, Duration::from_secs(5));
     eprintln!("alice: direct after {t:?}");
-    assert!(t < Duration::from_secs(1) + first, "direct only after {t:?}");
+    assert!(
+        t < Duration::from_secs(1) + first,
+        "direct only after {t:?}"
+    );
     wait_direct(&mut b, up, Duration::from_secs(5));
 
     // Data now goes directly, not through the relay.
     let d0 = direct.packets().unwrap();
     let r0 = relayed.packets().unwrap();
     all_pings_answer(&lab, &ha, b.ip, 5);
-    let (dd, dr) = (direct.packets().unwrap() - d0, relayed.packets().unwrap() - r0);
+    let (dd, dr) = (
+        direct.packets().unwrap() - d0,
+        relayed.packets().unwrap() - r0,
+    );
     eprintln!("5 pings: {dd} direct UDP packets, {dr} relay TCP packets from alice's router");
     assert!(dd >= 5, "pings did not go directly ({dd} direct packets)");
     assert!(dr <= 2, "pings still went through the relay ({dr} packets)");
@@ -110,6 +123,181 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
         d.agentd
             .wait_for_output("home relay region region=901", Duration::from_secs(5))
             .unwrap();
-        assert!(!d.agentd.stdout().contains("home relay region region=902"));
+        assert!(!d.agentd.stderr().contains("home relay region region=902"));
     }
+}
+
+/// Pings `count` times, `interval` apart; returns (sent, answered, longest run of
+/// unanswered pings).
+fn ping_series(
+    lab: &Lab,
+    from: &Host,
+    to: Ipv4Addr,
+    count: u32,
+    interval: &str,
+) -> (u32, u32, u32) {
+    let out = lab
+        .exec(
+            from,
+            "ping",
+            [
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                interval,
+                "-W",
+                "1",
+                &to.to_string(),
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut seqs: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut gap = 0;
+    let mut prev = 0;
+    for s in seqs.iter().copied().chain(std::iter::once(count + 1)) {
+        gap = gap.max(s.saturating_sub(prev + 1));
+        prev = s;
+    }
+    (count, seqs.len() as u32, gap)
+}
+
+/// Relayed the whole time, no packet lost, no direct path: for NATs that direct paths
+/// cannot cross without port mapping.
+fn relay_only(spec_a: RouterSpec, spec_b: RouterSpec) {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    let ra = lab.add_router("ra", spec_a).unwrap();
+    let rb = lab.add_router("rb", spec_b).unwrap();
+    let (ha, _hb, a, b) = devices(&lab, &w, &ra, &rb);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    let (sent, got, gap) = ping_series(&lab, &ha, b.ip, 20, "0.2");
+    eprintln!("{got}/{sent} answered, longest gap {gap}");
+    assert_eq!(got, sent, "pings were lost on the relay path");
+    assert!(
+        !a.agentd.stderr().contains("path=direct"),
+        "unexpected direct path"
+    );
+}
+
+#[test]
+fn easy_and_hard_nat_flow_through_the_relay() {
+    relay_only(RouterSpec::easy(), RouterSpec::hard());
+}
+
+#[test]
+fn two_hard_nats_flow_through_the_relay() {
+    relay_only(RouterSpec::hard(), RouterSpec::hard());
+}
+
+#[test]
+fn hard_nat_and_port_mapping_router_go_direct_via_the_mapped_port() {
+    let lab = lab_or_skip!(requires: ["miniupnpd"]);
+    let w = world(&lab);
+    let ra = lab.add_router("ra", RouterSpec::hard()).unwrap();
+    // Bob's router is a hard NAT too, but it maps a port on request.
+    let rb = lab
+        .add_router("rb", RouterSpec::hard().with_upnp(true))
+        .unwrap();
+    let (ha, _hb, mut a, mut b) = devices(&lab, &w, &ra, &rb);
+    let out = b
+        .agentd
+        .wait_for_output("router mapped a port for us", Duration::from_secs(10))
+        .unwrap();
+    let mapped = out
+        .lines()
+        .find(|l| l.contains("router mapped a port for us"))
+        .and_then(|l| l.split("external=").nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap();
+    eprintln!("bob's router mapped {mapped}");
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    let up = Instant::now();
+    wait_direct(&mut a, up, Duration::from_secs(10));
+    let line = a
+        .agentd
+        .stderr()
+        .lines()
+        .find(|l| l.contains("path=direct"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains(&mapped),
+        "alice's direct path is not the mapped port: {line}"
+    );
+    all_pings_answer(&lab, &ha, b.ip, 3);
+}
+
+#[test]
+fn double_nat_both_easy_goes_direct() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    let ca = lab.add_router("ca", RouterSpec::easy()).unwrap();
+    let cb = lab.add_router("cb", RouterSpec::easy()).unwrap();
+    let ra = lab
+        .add_router_behind("ra", &ca, RouterSpec::easy())
+        .unwrap();
+    let rb = lab
+        .add_router_behind("rb", &cb, RouterSpec::easy())
+        .unwrap();
+    let direct = lab.count_udp(lab.internet(), ca.wan_ip, cb.wan_ip).unwrap();
+    let (ha, _hb, mut a, b) = devices(&lab, &w, &ra, &rb);
+    let up = Instant::now();
+    let ip = b.ip;
+    first_ping(&lab, &ha, ip, Duration::from_secs(10));
+    let t = wait_direct(&mut a, up, Duration::from_secs(5));
+    eprintln!("double NAT: direct after {t:?}");
+    let d0 = direct.packets().unwrap();
+    all_pings_answer(&lab, &ha, ip, 5);
+    assert!(
+        direct.packets().unwrap() - d0 >= 5,
+        "pings did not go directly"
+    );
+}
+
+#[test]
+fn udp_blocked_on_one_side_works_through_the_relay_over_tcp() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    let ra = lab.add_router("ra", RouterSpec::udp_blocked()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let (ha, _hb, a, b) = devices(&lab, &w, &ra, &rb);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    let (sent, got, _) = ping_series(&lab, &ha, b.ip, 10, "0.2");
+    assert_eq!(got, sent, "pings were lost");
+    assert!(!a.agentd.stderr().contains("path=direct"));
+    // Its home region came from HTTPS latency checks, and is still the nearer one.
+    assert!(a.agentd.stderr().contains("home relay region region=901"));
+}
+
+#[test]
+fn both_behind_one_nat_go_direct_over_the_lan() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    let r = lab.add_router("r", RouterSpec::easy()).unwrap();
+    let (ha, hb, mut a, b) = devices(&lab, &w, &r, &r);
+    let up = Instant::now();
+    let ip = b.ip;
+    first_ping(&lab, &ha, ip, Duration::from_secs(10));
+    wait_direct(&mut a, up, Duration::from_secs(5));
+    let line = a
+        .agentd
+        .stderr()
+        .lines()
+        .find(|l| l.contains("path=direct"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains(&format!("path=direct {}:", hb.ip)),
+        "not the LAN address {}: {line}",
+        hb.ip
+    );
 }
