@@ -64,11 +64,11 @@ fn wait_direct(dev: &mut Device, since: Instant, within: Duration) -> Duration {
     since.elapsed()
 }
 
-fn devices(lab: &Lab, w: &World, a: &Router, b: &Router) -> (Host, Host, Device, Device) {
+fn devices(lab: &Lab, control: &Control, a: &Router, b: &Router) -> (Host, Host, Device, Device) {
     let ha = lab.add_lan_host("alice", a).unwrap();
     let hb = lab.add_lan_host("bob", b).unwrap();
-    let da = scenario::start_agentd(lab, &ha, "alice", &w.control).unwrap();
-    let db = scenario::start_agentd(lab, &hb, "bob", &w.control).unwrap();
+    let da = scenario::start_agentd(lab, &ha, "alice", control).unwrap();
+    let db = scenario::start_agentd(lab, &hb, "bob", control).unwrap();
     (ha, hb, da, db)
 }
 
@@ -90,7 +90,7 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
             ),
         )
         .unwrap();
-    let (ha, _hb, mut a, mut b) = devices(&lab, &w, &ra, &rb);
+    let (ha, _hb, mut a, mut b) = devices(&lab, &w.control, &ra, &rb);
     let up = Instant::now();
 
     // The first ping gets through at once.
@@ -177,7 +177,7 @@ fn relay_only(spec_a: RouterSpec, spec_b: RouterSpec) {
     let w = world(&lab);
     let ra = lab.add_router("ra", spec_a).unwrap();
     let rb = lab.add_router("rb", spec_b).unwrap();
-    let (ha, _hb, a, b) = devices(&lab, &w, &ra, &rb);
+    let (ha, _hb, a, b) = devices(&lab, &w.control, &ra, &rb);
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
     let (sent, got, gap) = ping_series(&lab, &ha, b.ip, 20, "0.2");
     eprintln!("{got}/{sent} answered, longest gap {gap}");
@@ -207,7 +207,7 @@ fn hard_nat_and_port_mapping_router_go_direct_via_the_mapped_port() {
     let rb = lab
         .add_router("rb", RouterSpec::hard().with_upnp(true))
         .unwrap();
-    let (ha, _hb, mut a, mut b) = devices(&lab, &w, &ra, &rb);
+    let (ha, _hb, mut a, mut b) = devices(&lab, &w.control, &ra, &rb);
     let out = b
         .agentd
         .wait_for_output("router mapped a port for us", Duration::from_secs(10))
@@ -249,7 +249,7 @@ fn double_nat_both_easy_goes_direct() {
         .add_router_behind("rb", &cb, RouterSpec::easy())
         .unwrap();
     let direct = lab.count_udp(lab.internet(), ca.wan_ip, cb.wan_ip).unwrap();
-    let (ha, _hb, mut a, b) = devices(&lab, &w, &ra, &rb);
+    let (ha, _hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
     let up = Instant::now();
     let ip = b.ip;
     first_ping(&lab, &ha, ip, Duration::from_secs(10));
@@ -269,7 +269,7 @@ fn udp_blocked_on_one_side_works_through_the_relay_over_tcp() {
     let w = world(&lab);
     let ra = lab.add_router("ra", RouterSpec::udp_blocked()).unwrap();
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
-    let (ha, _hb, a, b) = devices(&lab, &w, &ra, &rb);
+    let (ha, _hb, a, b) = devices(&lab, &w.control, &ra, &rb);
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
     let (sent, got, _) = ping_series(&lab, &ha, b.ip, 10, "0.2");
     assert_eq!(got, sent, "pings were lost");
@@ -283,7 +283,7 @@ fn both_behind_one_nat_go_direct_over_the_lan() {
     let lab = lab_or_skip!();
     let w = world(&lab);
     let r = lab.add_router("r", RouterSpec::easy()).unwrap();
-    let (ha, hb, mut a, b) = devices(&lab, &w, &r, &r);
+    let (ha, hb, mut a, b) = devices(&lab, &w.control, &r, &r);
     let up = Instant::now();
     let ip = b.ip;
     first_ping(&lab, &ha, ip, Duration::from_secs(10));
@@ -300,4 +300,182 @@ fn both_behind_one_nat_go_direct_over_the_lan() {
         "not the LAN address {}: {line}",
         hb.ip
     );
+}
+
+/// Waits until `child` exits (up to `within`); returns whether it exited successfully.
+fn wait_exit(child: &mut tests::ChildGuard, within: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.success();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} still running after {within:?}", child.label());
+}
+
+#[test]
+fn tcp_stream_survives_a_blackholed_direct_path_and_returns_to_direct() {
+    let lab = lab_or_skip!(requires: ["iperf3"]);
+    let w = world(&lab);
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let (ha, hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
+    let up = Instant::now();
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    wait_direct(&mut a, up, Duration::from_secs(5));
+
+    let mut server = lab
+        .spawn(
+            &hb,
+            "iperf3",
+            ["-s", "-1", "--forceflush", "-B", &b.ip.to_string()],
+        )
+        .unwrap();
+    server
+        .wait_for_output("Server listening", Duration::from_secs(10))
+        .unwrap();
+    let mut client = lab
+        .spawn(
+            &ha,
+            "iperf3",
+            [
+                "-c",
+                &b.ip.to_string(),
+                "-t",
+                "24",
+                "-i",
+                "1",
+                "-J",
+                "-b",
+                "50M",
+            ],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+
+    // Blackhole the direct path (UDP between the two routers) mid-transfer.
+    let blocked = Instant::now();
+    lab.block_udp(lab.internet(), ra.wan_ip, rb.wan_ip).unwrap();
+    a.agentd
+        .wait_for_output("path=relay", Duration::from_secs(15))
+        .unwrap();
+    let to_relay = blocked.elapsed();
+    eprintln!("direct path blackholed: alice on the relay after {to_relay:?}");
+    assert!(
+        to_relay < Duration::from_millis(6500 + 5000 + 1000),
+        "moved to the relay only after {to_relay:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Remove the rule: back to direct.
+    let unblocked = Instant::now();
+    lab.unblock_udp(lab.internet(), ra.wan_ip, rb.wan_ip)
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if a.agentd.stderr().matches("path=direct").count() >= 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "did not return to direct"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("rule removed: direct again after {:?}", unblocked.elapsed());
+
+    assert!(
+        wait_exit(&mut client, Duration::from_secs(40)),
+        "iperf3 failed"
+    );
+    let report: serde_json::Value = serde_json::from_str(&client.stdout()).unwrap();
+    let intervals = report["intervals"].as_array().unwrap();
+    let bytes: Vec<u64> = intervals
+        .iter()
+        .map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0))
+        .collect();
+    eprintln!("iperf3 bytes per second: {bytes:?}");
+    assert!(bytes.len() >= 20, "the stream ended early: {bytes:?}");
+    assert!(
+        bytes.iter().rev().take(3).all(|b| *b > 0),
+        "the stream did not survive: {bytes:?}"
+    );
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
+    assert!(received > 0);
+}
+
+#[test]
+fn home_relay_node_killed_traffic_resumes_on_the_regions_other_node() {
+    let lab = lab_or_skip!();
+    let mut near = scenario::start_region(&lab, 901, 10).unwrap();
+    let far = scenario::start_region(&lab, 902, 40).unwrap();
+    // The near region's second node.
+    let second = lab
+        .add_server_with_link("relay901b", tests::LinkParams::delay_ms(10))
+        .unwrap();
+    let _second_relayd = scenario::start_relayd(&lab, &second, "relay901b").unwrap();
+    let map = scenario::write_relay_map(&lab, &[&near, &far], &[(901, second.ip)]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    // Hard NATs on both sides: all traffic goes through the relay.
+    let ra = lab.add_router("ra", RouterSpec::hard()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
+    let (ha, _hb, _a, b) = devices(&lab, &control, &ra, &rb);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    let _keep = &far;
+
+    let mut pings = lab
+        .spawn(
+            &ha,
+            "ping",
+            ["-n", "-c", "60", "-i", "0.1", "-W", "1", &b.ip.to_string()],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    near.relayd.kill().unwrap();
+    wait_exit(&mut pings, Duration::from_secs(30));
+    let text = pings.stdout();
+    let mut seqs: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let gap = seqs.windows(2).map(|w| w[1] - w[0] - 1).max().unwrap_or(60);
+    let outage = Duration::from_millis(100 * u64::from(gap));
+    eprintln!(
+        "home relay node killed: {} of 60 answered, outage {outage:?}",
+        seqs.len()
+    );
+    assert!(seqs.last() == Some(&60), "traffic did not resume: {text}");
+    assert!(
+        outage <= Duration::from_secs(2),
+        "traffic resumed only after {outage:?}"
+    );
+}
+
+#[test]
+fn tunnels_keep_working_while_control_is_down() {
+    let lab = lab_or_skip!();
+    let mut w = world(&lab);
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
+    let (ha, _hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    w.control.server.kill().unwrap();
+    // Through the relay (bob is behind a hard NAT) on the last netmap.
+    let (sent, got, _) = ping_series(&lab, &ha, b.ip, 20, "0.2");
+    assert_eq!(got, sent, "pings were lost with control down");
+    assert!(a.agentd.try_wait().unwrap().is_none(), "agentd exited");
+    // A packet for an address no peer owns goes nowhere (and nothing breaks).
+    assert!(ping_once(
+        &lab,
+        &ha,
+        Ipv4Addr::new(100, 64, 0, 99),
+        Duration::from_secs(1)
+    )
+    .is_none());
+    all_pings_answer(&lab, &ha, b.ip, 2);
 }
