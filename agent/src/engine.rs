@@ -35,6 +35,8 @@ use crate::wg::{self, WgAction, WgRoute};
 pub const CAP_VERSION: u16 = 113;
 /// WireGuard timers are driven this often.
 const WG_TICK: Duration = Duration::from_millis(250);
+/// Local addresses are compared this often to notice a network change.
+const NETMON_INTERVAL: Duration = Duration::from_secs(2);
 /// Idle relay connections are looked for this often.
 const RELAY_CLEANUP: Duration = Duration::from_secs(15);
 /// Bounded queues between the I/O tasks and the engine.
@@ -258,6 +260,8 @@ impl Engine {
         let mut tun_tasks: Vec<AbortOnDrop> = Vec::new();
         let mut next_wg_tick = tokio::time::Instant::now() + WG_TICK;
         let mut next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
+        let mut next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
+        let mut local_addrs = crate::interfaces::local_addresses();
         let mut last_report: Option<Report> = None;
 
         loop {
@@ -267,11 +271,16 @@ impl Engine {
                 .filter_map(|p| p.poll_timeout())
                 .min()
                 .map(tokio::time::Instant::from_std);
-            let wake = [Some(next_wg_tick), Some(next_cleanup), next_peer]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(next_wg_tick);
+            let wake = [
+                Some(next_wg_tick),
+                Some(next_cleanup),
+                Some(next_netmon),
+                next_peer,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_wg_tick);
             tokio::select! {
                 _ = &mut shutdown => {
                     tracing::info!("shutting down");
@@ -351,7 +360,21 @@ impl Engine {
             }
             self.flush_stalled(now).await;
             self.drive_peers(now).await;
-            let _ = &renetcheck_tx;
+            if tokio::time::Instant::now() >= next_netmon {
+                next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
+                let addrs = crate::interfaces::local_addresses();
+                if addrs != local_addrs {
+                    // The network changed: measure again now (a full report), ask the
+                    // router for a mapping again, and look for direct paths anew.
+                    tracing::info!(?addrs, "network changed");
+                    local_addrs = addrs;
+                    let _ = renetcheck_tx.try_send(());
+                    portmapper.retry();
+                    for p in self.peers.values_mut() {
+                        p.path.rediscover(now);
+                    }
+                }
+            }
         }
     }
 

@@ -303,3 +303,65 @@ fn port_mapping_through_miniupnpd_lets_outside_packets_in() {
         "mapping still listed after release:\n{listed}"
     );
 }
+
+#[test]
+fn router_answering_nat_pmp_and_pcp_with_nonsense_is_ignored() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let lab = lab_or_skip!();
+    let region = start_region(&lab, 901, 0);
+    let map = write_map(&lab, &[&region]);
+    let router = lab.add_router("r", RouterSpec::easy()).unwrap();
+    let alice = lab.add_lan_host("alice", &router).unwrap();
+
+    // A "gateway" on the NAT-PMP/PCP port that answers every request with nonsense.
+    let sock = lab.udp_bind(&router.node, (router.lan_ip, 5351)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
+    let answers: Vec<Vec<u8>> = vec![
+        vec![0xde, 0xad, 0xbe],
+        // NAT-PMP public-address answer with an unknown version.
+        vec![7, 128, 0, 0, 0, 0, 0, 1, 198, 51, 100, 10],
+        // NAT-PMP public-address answer, success, cut short.
+        vec![0, 128, 0, 0],
+        // NAT-PMP mapping answer nobody asked for: success, port 0, lifetime 0.
+        vec![0, 129, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        // NAT-PMP answer with an error code that does not exist.
+        vec![0, 128, 0xff, 0xff, 0, 0, 0, 1, 198, 51, 100, 10],
+        // PCP answer (version 2, response bit, MAP) cut short.
+        vec![2, 0x81, 0, 0, 0, 0, 0, 0],
+        // PCP answer with every byte set.
+        vec![0xff; 60],
+        Vec::new(),
+    ];
+    let server = {
+        let (stop, requests) = (Arc::clone(&stop), Arc::clone(&requests));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    for a in &answers {
+                        let _ = sock.send_to(a, from);
+                    }
+                }
+            }
+        })
+    };
+
+    let r = netcheck(&lab, &alice, &map, &[]);
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    assert!(
+        requests.load(Ordering::Relaxed) > 0,
+        "nothing asked the fake gateway"
+    );
+    assert_ne!(r["PMP"], true, "{r:#}");
+    assert_ne!(r["PCP"], true, "{r:#}");
+    // The rest of the report is unharmed.
+    assert_eq!(r["UDP"], true, "{r:#}");
+    assert_eq!(r["PreferredDERP"], 901, "{r:#}");
+}
