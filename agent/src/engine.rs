@@ -123,6 +123,8 @@ pub async fn run(
 
 struct Engine {
     me: NodePrivate,
+    /// Our public key, computed once (deriving it is a scalar multiplication).
+    me_pub: NodePublic,
     disco: DiscoPrivate,
     disco_pub: DiscoPublic,
     sock: Arc<UdpSocket>,
@@ -156,6 +158,7 @@ impl Engine {
         let (relays, relay_rx) = Relays::new(me.clone());
         let disco_pub = disco.public();
         Engine {
+            me_pub: me.public(),
             me,
             disco,
             disco_pub,
@@ -406,7 +409,7 @@ impl Engine {
         let now = Instant::now();
         let mut seen = std::collections::BTreeSet::new();
         for node in nm.peers.values() {
-            if node.key == self.me.public() {
+            if node.key == self.me_pub {
                 continue;
             }
             if !self.peers.contains_key(&node.key) && self.peers.len() >= MAX_PEERS {
@@ -719,7 +722,7 @@ impl Engine {
         };
         p.handle_timeout(now);
         let mut out: Vec<PeerEvent> = Vec::new();
-        while let Some(e) = p.poll_event(&self.disco_pub, &self.me.public(), &self.endpoints) {
+        while let Some(e) = p.poll_event(&self.disco_pub, &self.me_pub, &self.endpoints) {
             out.push(e);
         }
         // A direct path appeared while our handshake is still unanswered: the initiation

@@ -1,0 +1,310 @@
+//! agentd throughput, packet rate, latency and memory, side by side with the raw link and
+//! with `boringtun-cli` on the same namespaces (run `cargo bench -p tests --bench
+//! agentd_bench`; needs root, iperf3, and for the comparison `boringtun-cli` and `wg`).
+//!
+//! Two hosts on the lab's internet (one routed hop, veth links), a relay region and
+//! controld for agentd's control plane. Each contender is measured in turn, in rounds, so
+//! the machine's noise spreads over all of them; the medians are printed as a Markdown
+//! table for BENCHMARKS.md.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::scenario;
+use tests::{have_program, Host, Lab};
+
+/// Rounds (`AGENTD_BENCH_ROUNDS` overrides).
+fn rounds() -> usize {
+    std::env::var("AGENTD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+const SECONDS: &str = "5";
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn iperf_json(lab: &Lab, from: &Host, to: Ipv4Addr, extra: &[&str]) -> Value {
+    let to = to.to_string();
+    let mut args = vec!["-c", to.as_str(), "-t", SECONDS, "-J"];
+    args.extend_from_slice(extra);
+    let out = lab.exec(from, "iperf3", &args).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Single-stream TCP, Gb/s received.
+fn tcp_gbps(lab: &Lab, from: &Host, to: Ipv4Addr) -> f64 {
+    let r = iperf_json(lab, from, to, &[]);
+    r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+/// 64-byte UDP datagrams as fast as iperf3 can send them: packets/s that arrived.
+fn udp_pps(lab: &Lab, from: &Host, to: Ipv4Addr) -> f64 {
+    let r = iperf_json(lab, from, to, &["-u", "-l", "64", "-b", "0"]);
+    let s = &r["end"]["sum"];
+    let packets = s["packets"].as_f64().unwrap_or(0.0);
+    let lost = s["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = s["seconds"].as_f64().unwrap_or(1.0).max(0.001);
+    (packets - lost) / secs
+}
+
+/// Median ping round trip in ms (50 pings, 20 ms apart).
+fn ping_ms(lab: &Lab, from: &Host, to: Ipv4Addr) -> f64 {
+    let out = lab
+        .exec(
+            from,
+            "ping",
+            ["-n", "-c", "50", "-i", "0.02", &to.to_string()],
+        )
+        .unwrap();
+    let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    if times.is_empty() {
+        return f64::NAN;
+    }
+    median(times)
+}
+
+/// A boringtun-cli tunnel between the two hosts (10.99.0.1 ↔ 10.99.0.2), configured with
+/// `wg`; `threads` as boringtun-cli's `--threads` (None: its default).
+struct Boringtun {
+    _procs: Vec<tests::ChildGuard>,
+}
+
+fn wg_key(lab: &Lab, host: &Host) -> (String, String) {
+    let private = lab
+        .exec_ok(host, "wg", ["genkey"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = lab
+        .exec(host, "sh", ["-c", &format!("echo {private} | wg pubkey")])
+        .unwrap();
+    (
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+fn boringtun(lab: &Lab, a: &Host, b: &Host, threads: Option<u32>, tag: &str) -> Boringtun {
+    let mut procs = Vec::new();
+    let keys = [wg_key(lab, a), wg_key(lab, b)];
+    for (i, (host, peer)) in [(a, b), (b, a)].into_iter().enumerate() {
+        let ifname = format!("bt{tag}{i}");
+        let mut args = vec![
+            "--foreground".to_string(),
+            "--disable-drop-privileges".to_string(),
+        ];
+        if let Some(t) = threads {
+            args.push("--threads".into());
+            args.push(t.to_string());
+        }
+        args.push(ifname.clone());
+        procs.push(lab.spawn(host, "boringtun-cli", args).unwrap());
+        let sock = format!("/var/run/wireguard/{ifname}.sock");
+        let t0 = Instant::now();
+        while !std::path::Path::new(&sock).exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let key_file = lab.log_dir().join(format!("{ifname}.key"));
+        std::fs::write(&key_file, &keys[i].0).unwrap();
+        let peer_pub = &keys[1 - i].1;
+        lab.exec_ok(
+            host,
+            "wg",
+            [
+                "set",
+                &ifname,
+                "private-key",
+                &key_file.display().to_string(),
+                "listen-port",
+                "51820",
+                "peer",
+                peer_pub,
+                "endpoint",
+                &format!("{}:51820", peer.ip),
+                "allowed-ips",
+                &format!("10.99.0.{}/32", 2 - i),
+            ],
+        )
+        .unwrap();
+        lab.exec_ok(
+            host,
+            "ip",
+            [
+                "addr",
+                "add",
+                &format!("10.99.0.{}/24", i + 1),
+                "dev",
+                &ifname,
+            ],
+        )
+        .unwrap();
+        lab.exec_ok(host, "ip", ["link", "set", &ifname, "mtu", "1420", "up"])
+            .unwrap();
+    }
+    Boringtun { _procs: procs }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo bench --list
+    }
+    // The lab reuses binaries it finds next to this one: build them fresh first.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "agent",
+            "-p",
+            "relay",
+            "-p",
+            "control",
+            "-p",
+            "cli",
+            "--features",
+            "relay/server,control/server",
+        ])
+        .status()
+        .expect("running cargo");
+    assert!(built.success(), "building the binaries failed");
+    let lab = Lab::new_requiring(&["iperf3"]).expect("the lab needs root and iperf3");
+    let region = scenario::start_region(&lab, 901, 0).unwrap();
+    let map = scenario::write_relay_map(&lab, &[&region], &[]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    let ha = lab.add_public_host("alice").unwrap();
+    let hb = lab.add_public_host("bob").unwrap();
+    let mut a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
+    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
+    let _ = lab.exec(
+        &ha,
+        "ping",
+        ["-c", "3", "-i", "0.2", "-n", &b.ip.to_string()],
+    );
+    a.agentd
+        .wait_for_output("path=direct", Duration::from_secs(10))
+        .expect("no direct path between the two agentd");
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_rss = rss_kib(a.agentd.pid());
+
+    let with_bt = have_program("boringtun-cli") && have_program("wg");
+    if !with_bt {
+        eprintln!("boringtun-cli or wg missing: no comparison (cargo install boringtun-cli; apt install wireguard-tools)");
+    }
+    let _bt = with_bt.then(|| boringtun(&lab, &ha, &hb, None, "d"));
+    let _server = lab.spawn(&hb, "iperf3", ["-s", "--forceflush"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let bt_ip = Ipv4Addr::new(10, 99, 0, 2);
+    let mut rows: Vec<(&str, Ipv4Addr)> =
+        vec![("raw veth (no tunnel)", hb.ip), ("agentd (direct)", b.ip)];
+    if with_bt {
+        rows.push(("boringtun-cli, default threads", bt_ip));
+    }
+    let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut udp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut ping: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut load_rss = 0u64;
+    for round in 0..rounds() {
+        for (i, (name, ip)) in rows.iter().enumerate() {
+            let pid = a.agentd.pid();
+            let sampler = std::thread::spawn(move || {
+                let mut max = 0;
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(5) {
+                    max = max.max(rss_kib(pid));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                max
+            });
+            // AGENTD_BENCH_PERF=FILE: record a profile of alice's agentd during its run.
+            let perf = match std::env::var("AGENTD_BENCH_PERF") {
+                Ok(f) if i == 1 => Some(
+                    std::process::Command::new("perf")
+                        .args([
+                            "record",
+                            "-g",
+                            "-o",
+                            &f,
+                            "-p",
+                            &pid.to_string(),
+                            "--",
+                            "sleep",
+                            "4",
+                        ])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap(),
+                ),
+                _ => None,
+            };
+            let g = tcp_gbps(&lab, &ha, *ip);
+            if let Some(mut p) = perf {
+                let _ = p.wait();
+            }
+            let m = sampler.join().unwrap();
+            if i == 1 {
+                load_rss = load_rss.max(m);
+            }
+            let p = udp_pps(&lab, &ha, *ip);
+            let r = ping_ms(&lab, &ha, *ip);
+            eprintln!("round {round}: {name}: {g:.2} Gb/s, {p:.0} pps, ping {r:.3} ms");
+            tcp[i].push(g);
+            udp[i].push(p);
+            ping[i].push(r);
+        }
+    }
+    let n = rounds();
+    println!("| path | TCP Gb/s (median of {n}) | runs | 64-byte UDP, kpps received | ping RTT, ms (median) |");
+    println!("|---|---:|---|---:|---:|");
+    for (i, (name, _)) in rows.iter().enumerate() {
+        let runs: Vec<String> = tcp[i].iter().map(|g| format!("{g:.2}")).collect();
+        println!(
+            "| {name} | {:.2} | {} | {:.0} | {:.3} |",
+            median(tcp[i].clone()),
+            runs.join(", "),
+            median(udp[i].clone()) / 1000.0,
+            median(ping[i].clone())
+        );
+    }
+    println!();
+    println!(
+        "agentd RSS: idle {:.1} MiB, under load (max during TCP runs) {:.1} MiB",
+        idle_rss as f64 / 1024.0,
+        load_rss as f64 / 1024.0
+    );
+}
