@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, watch};
 use crate::peer::{Peer, PeerEvent};
 use crate::relays::Relays;
 use crate::routes::{self, RouteTable};
-use crate::sock::{self, Kind};
-use crate::tundev::{TunDevice, MTU};
+use crate::sock::{self, Kind, RecvBuffers, UdpIo};
+use crate::tundev::{with_headroom, RecvBatch, SendBatch, TunDevice, BATCH, HEADROOM};
 use crate::wg::{self, WgAction, WgRoute};
 
 /// Capability version we advertise (Headscale needs ≥ 113).
@@ -46,6 +46,8 @@ const MAX_DATAGRAM: usize = 65_535;
 /// A handshake initiation is repeated early (on a new direct path) only this long after
 /// the last one.
 const REINITIATE_AFTER: Duration = Duration::from_millis(200);
+/// Largest run of datagrams sent in one call (the kernel's limit for one UDP GSO send).
+const GSO_MAX_BYTES: usize = 64_000;
 /// Peers we hold at most (netmap entries beyond are ignored and counted).
 const MAX_PEERS: usize = 10_000;
 
@@ -73,6 +75,7 @@ pub struct Counters {
     pub disco_cmm_not_via_relay: u64,
     pub send_no_path: u64,
     pub stalled_dropped: u64,
+    pub udp_send_errors: u64,
     pub relay_packets_in: u64,
     pub peers_over_limit: u64,
     pub stun_dropped: u64,
@@ -117,8 +120,26 @@ pub async fn run(
         backoff_max: Duration::from_secs(30),
     });
 
-    let mut engine = Engine::new(keys.node.clone(), disco, Arc::clone(&sock), port, session);
+    let udp = Arc::new(UdpIo::new(Arc::clone(&sock)).context("setting up the UDP socket")?);
+    let mut engine = Engine::new(
+        keys.node.clone(),
+        disco,
+        Arc::clone(&sock),
+        udp,
+        port,
+        session,
+    );
     engine.run(cfg, shutdown).await
+}
+
+/// A run of same-size datagrams to one address, waiting to be sent in one call.
+struct Gso {
+    to: SocketAddr,
+    segment: usize,
+    buf: Vec<u8>,
+    count: usize,
+    /// A shorter (final) datagram was added: nothing more may follow.
+    closed: bool,
 }
 
 struct Engine {
@@ -128,6 +149,8 @@ struct Engine {
     disco: DiscoPrivate,
     disco_pub: DiscoPublic,
     sock: Arc<UdpSocket>,
+    udp: Arc<UdpIo>,
+    gso: Option<Gso>,
     port: u16,
     session: ControlSession,
     relays: Relays,
@@ -152,6 +175,7 @@ impl Engine {
         me: NodePrivate,
         disco: DiscoPrivate,
         sock: Arc<UdpSocket>,
+        udp: Arc<UdpIo>,
         port: u16,
         session: ControlSession,
     ) -> Self {
@@ -162,6 +186,8 @@ impl Engine {
             me,
             disco,
             disco_pub,
+            udp,
+            gso: None,
             sock,
             port,
             session,
@@ -190,21 +216,26 @@ impl Engine {
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         // UDP reader.
-        let (udp_tx, mut udp_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(QUEUE);
+        let (udp_tx, mut udp_rx) = mpsc::channel::<Vec<(Vec<u8>, SocketAddr)>>(QUEUE / 16);
         let (netcheck_inbox_tx, netcheck_inbox_rx) = tokio::sync::oneshot::channel::<StunInbox>();
-        let reader_sock = Arc::clone(&self.sock);
+        let reader_io = Arc::clone(&self.udp);
         let udp_reader = tokio::spawn(async move {
             let Ok(inbox) = netcheck_inbox_rx.await else {
                 return;
             };
-            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let mut bufs = RecvBuffers::default();
             loop {
-                match reader_sock.recv_from(&mut buf).await {
-                    Ok((n, from)) => {
-                        let pkt = &buf[..n];
-                        if sock::classify(pkt) == Kind::Stun {
-                            inbox.deliver(pkt, from);
-                        } else if udp_tx.send((pkt.to_vec(), from)).await.is_err() {
+                match reader_io.recv(&mut bufs).await {
+                    Ok(_) => {
+                        let mut batch = Vec::new();
+                        for (pkt, from) in bufs.datagrams() {
+                            if sock::classify(pkt) == Kind::Stun {
+                                inbox.deliver(pkt, from);
+                            } else {
+                                batch.push((pkt.to_vec(), from));
+                            }
+                        }
+                        if !batch.is_empty() && udp_tx.send(batch).await.is_err() {
                             return;
                         }
                     }
@@ -259,7 +290,7 @@ impl Engine {
 
         let mut netmap_rx = self.session.netmap.clone();
         let mut state_rx = self.session.state.clone();
-        let (tun_in_tx, mut tun_in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (tun_in_tx, mut tun_in_rx) = mpsc::channel::<Vec<Vec<u8>>>(QUEUE / 16);
         let mut tun_tasks: Vec<AbortOnDrop> = Vec::new();
         let mut next_wg_tick = tokio::time::Instant::now() + WG_TICK;
         let mut next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
@@ -291,8 +322,16 @@ impl Engine {
                     return Ok(());
                 }
                 _ = tokio::time::sleep_until(wake) => {}
-                Some(pkt) = tun_in_rx.recv() => self.on_tun_packet(&pkt).await,
-                Some((pkt, from)) = udp_rx.recv() => self.on_udp_packet(&pkt, from).await,
+                Some(batch) = tun_in_rx.recv() => {
+                    for pkt in &batch {
+                        self.on_tun_packet(pkt).await;
+                    }
+                }
+                Some(batch) = udp_rx.recv() => {
+                    for (pkt, from) in &batch {
+                        self.on_udp_packet(pkt, *from).await;
+                    }
+                }
                 Some((region, ev)) = self.relay_rx.recv() => self.on_relay_event(region, ev).await,
                 r = netmap_rx.changed() => {
                     if r.is_err() {
@@ -363,6 +402,7 @@ impl Engine {
             }
             self.flush_stalled(now).await;
             self.drive_peers(now).await;
+            self.flush_udp().await;
             if tokio::time::Instant::now() >= next_netmon {
                 next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
                 let addrs = crate::interfaces::local_addresses();
@@ -401,7 +441,13 @@ impl Engine {
                 cfg.tun_name
             )
         })?;
-        tracing::info!(dev = tun.name(), ?v4, ?v6, "TUN device up");
+        tracing::info!(
+            dev = tun.name(),
+            ?v4,
+            ?v6,
+            offload = tun.offload(),
+            "TUN device up"
+        );
         Ok(Some(tun))
     }
 
@@ -548,7 +594,8 @@ impl Engine {
         let region = p.home_region;
         let mut sent = false;
         if let Some(addr) = udp {
-            sent |= self.sock.send_to(&datagram, addr).await.is_ok();
+            self.queue_udp(addr, &datagram).await;
+            sent = true;
         }
         if (relay || !sent) && region > 0 {
             sent |= self.relays.send(region, key, datagram.clone(), now);
@@ -560,6 +607,43 @@ impl Engine {
                 self.counters.stalled_dropped += 1;
             }
             tracing::debug!(peer = %key.short(), region, held, "no path to peer yet");
+        }
+    }
+
+    /// Queues a WireGuard datagram for `to`: runs of same-size datagrams to one address
+    /// leave together in one system call ([`Engine::flush_udp`]).
+    async fn queue_udp(&mut self, to: SocketAddr, d: &[u8]) {
+        let max = self.udp.max_segments();
+        let fits = self.gso.as_ref().is_some_and(|g| {
+            g.to == to
+                && !g.closed
+                && d.len() <= g.segment
+                && g.count < max
+                && g.buf.len() + d.len() <= GSO_MAX_BYTES
+        });
+        if !fits {
+            self.flush_udp().await;
+        }
+        let g = self.gso.get_or_insert_with(|| Gso {
+            to,
+            segment: d.len(),
+            buf: Vec::with_capacity(GSO_MAX_BYTES),
+            count: 0,
+            closed: false,
+        });
+        g.buf.extend_from_slice(d);
+        g.count += 1;
+        // A shorter datagram can only be the last of a run.
+        g.closed = d.len() < g.segment;
+    }
+
+    /// Sends the queued run of datagrams.
+    async fn flush_udp(&mut self) {
+        if let Some(g) = self.gso.take() {
+            if let Err(e) = self.udp.send_segments(g.to, &g.buf, g.segment).await {
+                self.counters.udp_send_errors += 1;
+                tracing::debug!(to = %g.to, error = %e, "UDP send failed");
+            }
         }
     }
 
@@ -650,7 +734,7 @@ impl Engine {
                 p.on_udp_received(a, now);
             }
             match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
-                WgAction::Deliver(b) => deliver.push(b.to_vec()),
+                WgAction::Deliver(b) => deliver.push(with_headroom(b)),
                 WgAction::Send(b) => {
                     send.push(Bytes::copy_from_slice(b));
                     while let WgAction::Send(b) = p.wg.flush(&mut self.buf) {
@@ -667,7 +751,8 @@ impl Engine {
         if let Some(out) = &self.tun_out {
             for d in deliver {
                 // Only packets from the addresses this peer owns reach the OS.
-                let ok = routes::source(&d).is_some_and(|s| self.routes.lookup(s) == Some(key));
+                let ok = routes::source(&d[HEADROOM..])
+                    .is_some_and(|s| self.routes.lookup(s) == Some(key));
                 if !ok {
                     *self
                         .counters
@@ -791,13 +876,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<u8>>) -> AbortOnDrop {
+fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<Vec<u8>>>) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
-        let mut buf = vec![0u8; usize::from(MTU) + 64];
+        let mut batch = RecvBatch::default();
         loop {
-            match tun.recv(&mut buf).await {
-                Ok(n) => {
-                    if tx.send(buf[..n].to_vec()).await.is_err() {
+            match tun.recv_batch(&mut batch).await {
+                Ok(_) => {
+                    let packets: Vec<Vec<u8>> = batch.packets().map(<[u8]>::to_vec).collect();
+                    if tx.send(packets).await.is_err() {
                         return;
                     }
                 }
@@ -812,10 +898,13 @@ fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<u8>>) -> AbortOnDr
 
 fn spawn_tun_writer(tun: Arc<TunDevice>, mut rx: mpsc::Receiver<Vec<u8>>) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            if let Err(e) = tun.send(&p).await {
+        let mut state = SendBatch::default();
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+        while rx.recv_many(&mut batch, BATCH).await > 0 {
+            if let Err(e) = tun.send_batch(&mut state, &mut batch).await {
                 tracing::debug!(error = %e, "TUN write failed");
             }
+            batch.clear();
         }
     }))
 }

@@ -95,8 +95,8 @@ fn ping_ms(lab: &Lab, from: &Host, to: Ipv4Addr) -> f64 {
     median(times)
 }
 
-/// A boringtun-cli tunnel between the two hosts (10.99.0.1 ↔ 10.99.0.2), configured with
-/// `wg`; `threads` as boringtun-cli's `--threads` (None: its default).
+/// A boringtun-cli tunnel between the two hosts (10.99.`net`.1 ↔ 10.99.`net`.2),
+/// configured with `wg`; `threads` as boringtun-cli's `--threads` (None: its default).
 struct Boringtun {
     _procs: Vec<tests::ChildGuard>,
 }
@@ -116,11 +116,12 @@ fn wg_key(lab: &Lab, host: &Host) -> (String, String) {
     )
 }
 
-fn boringtun(lab: &Lab, a: &Host, b: &Host, threads: Option<u32>, tag: &str) -> Boringtun {
+fn boringtun(lab: &Lab, a: &Host, b: &Host, threads: Option<u32>, net: u8) -> Boringtun {
+    let port = (51820 + u16::from(net)).to_string();
     let mut procs = Vec::new();
     let keys = [wg_key(lab, a), wg_key(lab, b)];
     for (i, (host, peer)) in [(a, b), (b, a)].into_iter().enumerate() {
-        let ifname = format!("bt{tag}{i}");
+        let ifname = format!("bt{net}{i}");
         let mut args = vec![
             "--foreground".to_string(),
             "--disable-drop-privileges".to_string(),
@@ -148,13 +149,13 @@ fn boringtun(lab: &Lab, a: &Host, b: &Host, threads: Option<u32>, tag: &str) -> 
                 "private-key",
                 &key_file.display().to_string(),
                 "listen-port",
-                "51820",
+                &port,
                 "peer",
                 peer_pub,
                 "endpoint",
-                &format!("{}:51820", peer.ip),
+                &format!("{}:{port}", peer.ip),
                 "allowed-ips",
-                &format!("10.99.0.{}/32", 2 - i),
+                &format!("10.99.{net}.{}/32", 2 - i),
             ],
         )
         .unwrap();
@@ -164,7 +165,7 @@ fn boringtun(lab: &Lab, a: &Host, b: &Host, threads: Option<u32>, tag: &str) -> 
             [
                 "addr",
                 "add",
-                &format!("10.99.0.{}/24", i + 1),
+                &format!("10.99.{net}.{}/24", i + 1),
                 "dev",
                 &ifname,
             ],
@@ -224,15 +225,19 @@ fn main() {
     if !with_bt {
         eprintln!("boringtun-cli or wg missing: no comparison (cargo install boringtun-cli; apt install wireguard-tools)");
     }
-    let _bt = with_bt.then(|| boringtun(&lab, &ha, &hb, None, "d"));
+    let _bt = with_bt.then(|| boringtun(&lab, &ha, &hb, None, 0));
+    let _bt1 = with_bt.then(|| boringtun(&lab, &ha, &hb, Some(1), 1));
     let _server = lab.spawn(&hb, "iperf3", ["-s", "--forceflush"]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let bt_ip = Ipv4Addr::new(10, 99, 0, 2);
     let mut rows: Vec<(&str, Ipv4Addr)> =
         vec![("raw veth (no tunnel)", hb.ip), ("agentd (direct)", b.ip)];
     if with_bt {
-        rows.push(("boringtun-cli, default threads", bt_ip));
+        rows.push((
+            "boringtun-cli, default threads",
+            Ipv4Addr::new(10, 99, 0, 2),
+        ));
+        rows.push(("boringtun-cli --threads 1", Ipv4Addr::new(10, 99, 1, 2)));
     }
     let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     let mut udp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
@@ -250,7 +255,13 @@ fn main() {
                 }
                 max
             });
-            // AGENTD_BENCH_PERF=FILE: record a profile of alice's agentd during its run.
+            // AGENTD_BENCH_PERF=FILE: record a profile of alice's agentd (the sender; with
+            // AGENTD_BENCH_PERF_BOB=1 bob's, the receiver) during its run.
+            let perf_pid = if std::env::var_os("AGENTD_BENCH_PERF_BOB").is_some() {
+                b.agentd.pid()
+            } else {
+                pid
+            };
             let perf = match std::env::var("AGENTD_BENCH_PERF") {
                 Ok(f) if i == 1 => Some(
                     std::process::Command::new("perf")
@@ -260,7 +271,7 @@ fn main() {
                             "-o",
                             &f,
                             "-p",
-                            &pid.to_string(),
+                            &perf_pid.to_string(),
                             "--",
                             "sleep",
                             "4",
