@@ -82,7 +82,7 @@ const RECV_BUFFERS: usize = 8;
 
 impl Default for RecvBuffers {
     fn default() -> Self {
-        let count = RECV_BUFFERS.min(quinn_udp::BATCH_SIZE).max(1);
+        let count = RECV_BUFFERS.min(quinn_udp::BATCH_SIZE); // quinn-udp's is at least 1
         RecvBuffers {
             bufs: (0..count).map(|_| vec![0u8; 65_535]).collect(),
             meta: vec![quinn_udp::RecvMeta::default(); count],
