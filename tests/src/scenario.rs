@@ -170,6 +170,26 @@ pub fn start_control(lab: &Lab, map: &Path) -> Result<Control> {
     })
 }
 
+impl Control {
+    /// Runs a controld admin command (`users …`, `keys …`, `nodes …`) on its database.
+    pub fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
+        controld_cli(lab, &self.host, &self.db, args)
+    }
+
+    /// The ID of the node named `name` (from `controld nodes list`).
+    pub fn node_id(&self, lab: &Lab, name: &str) -> Result<String> {
+        let list = self.cli(lab, &["nodes", "list"])?;
+        list.lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .any(|w| w == name || w.starts_with(&format!("{name}.")))
+            })
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .ok_or_else(|| LabError::Invalid(format!("no node {name} in:\n{list}")))
+    }
+}
+
 /// A running agentd.
 #[derive(Debug)]
 pub struct Device {

@@ -479,3 +479,56 @@ fn tunnels_keep_working_while_control_is_down() {
     .is_none());
     all_pings_answer(&lab, &ha, b.ip, 2);
 }
+
+#[test]
+fn garbage_and_a_removed_peer_leave_other_sessions_alone() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    // Alice has a public address: anyone can send to her port.
+    let ha = lab.add_public_host("alice").unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let rc = lab.add_router("rc", RouterSpec::easy()).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let hc = lab.add_lan_host("carol", &rc).unwrap();
+    let mut a = scenario::start_agentd(&lab, &ha, "alice", &w.control).unwrap();
+    let b = scenario::start_agentd(&lab, &hb, "bob", &w.control).unwrap();
+    let c = scenario::start_agentd(&lab, &hc, "carol", &w.control).unwrap();
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    first_ping(&lab, &ha, c.ip, Duration::from_secs(10));
+
+    // A stranger sends things that look like WireGuard and disco to alice's port.
+    let stranger = lab.add_public_host("stranger").unwrap();
+    let sock = lab.udp_bind(&stranger, (stranger.ip, 0)).unwrap();
+    let mut junk: Vec<Vec<u8>> = Vec::new();
+    for ty in 1u8..=4 {
+        let len = [0, 148, 92, 64, 80][usize::from(ty)];
+        let mut p = vec![0x5a; len];
+        p[..4].copy_from_slice(&[ty, 0, 0, 0]);
+        junk.push(p);
+    }
+    let mut disco = b"TS\xf0\x9f\x92\xac".to_vec();
+    disco.extend_from_slice(&[0x11; 80]);
+    junk.push(disco);
+    junk.push(vec![0xff; 3]);
+    for _ in 0..200 {
+        for j in &junk {
+            let _ = sock.send_to(j, (ha.ip, 41641));
+        }
+    }
+    let (sent, got, _) = ping_series(&lab, &ha, b.ip, 10, "0.1");
+    assert_eq!(got, sent, "alice-bob suffered from the junk");
+
+    // Carol is deleted while alice talks to her and to bob.
+    let id = w.control.node_id(&lab, "carol").unwrap();
+    w.control.cli(&lab, &["nodes", "delete", &id]).unwrap();
+    a.agentd
+        .wait_for_output("peer removed", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        ping_once(&lab, &ha, c.ip, Duration::from_secs(1)).is_none(),
+        "carol still reachable"
+    );
+    let (sent, got, _) = ping_series(&lab, &ha, b.ip, 10, "0.1");
+    assert_eq!(got, sent, "alice-bob suffered from carol's removal");
+    assert!(a.agentd.try_wait().unwrap().is_none(), "agentd exited");
+}
