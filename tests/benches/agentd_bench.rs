@@ -265,17 +265,14 @@ fn main() {
             let perf = match std::env::var("AGENTD_BENCH_PERF") {
                 Ok(f) if i == 1 => Some(
                     std::process::Command::new("perf")
-                        .args([
-                            "record",
-                            "-g",
-                            "-o",
-                            &f,
-                            "-p",
-                            &perf_pid.to_string(),
-                            "--",
-                            "sleep",
-                            "4",
-                        ])
+                        .args(["record", "-g", "-o", &f])
+                        // AGENTD_BENCH_PERF_ALL=1: the whole machine (who uses the CPU).
+                        .args(if std::env::var_os("AGENTD_BENCH_PERF_ALL").is_some() {
+                            vec!["-a".to_string()]
+                        } else {
+                            vec!["-p".to_string(), perf_pid.to_string()]
+                        })
+                        .args(["--", "sleep", "4"])
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
                         .spawn()
