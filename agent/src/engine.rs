@@ -24,6 +24,7 @@ use relay::client::RelayEvent;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
+use crate::api::Query;
 use crate::peer::{Peer, PeerEvent};
 use crate::relays::Relays;
 use crate::routes::{self, RouteTable};
@@ -60,6 +61,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub port: u16,
     pub tun_name: String,
+    /// The local API's Unix socket.
+    pub socket: PathBuf,
 }
 
 /// Counters of everything the engine drops or does, by reason.
@@ -165,6 +168,9 @@ struct Engine {
     endpoints: Vec<SocketAddr>,
     heard: HeardMap,
     reported_home: i32,
+    control_url: String,
+    control_state: SessionState,
+    last_report: Option<Report>,
     counters: Counters,
     netmap: Option<Arc<NetMap>>,
     buf: Vec<u8>,
@@ -203,6 +209,9 @@ impl Engine {
             endpoints: Vec::new(),
             heard: Arc::default(),
             reported_home: 0,
+            control_url: String::new(),
+            control_state: SessionState::Connecting,
+            last_report: None,
             counters: Counters::default(),
             netmap: None,
             buf: vec![0u8; MAX_DATAGRAM + 64],
@@ -215,6 +224,16 @@ impl Engine {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        let u = &cfg.login_server;
+        self.control_url = format!(
+            "{}://{}:{}",
+            if u.tls { "https" } else { "http" },
+            u.host,
+            u.port
+        );
+        let (api_tx, mut api_rx) = mpsc::channel::<Query>(16);
+        let _api = crate::api::serve(&cfg.socket, api_tx)?;
+        tracing::info!(socket = %cfg.socket.display(), "local API listening");
         // UDP reader.
         let (udp_tx, mut udp_rx) = mpsc::channel::<Vec<(Vec<u8>, SocketAddr)>>(QUEUE / 16);
         let (netcheck_inbox_tx, netcheck_inbox_rx) = tokio::sync::oneshot::channel::<StunInbox>();
@@ -296,7 +315,6 @@ impl Engine {
         let mut next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
         let mut next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
         let mut local_addrs = crate::interfaces::local_addresses();
-        let mut last_report: Option<Report> = None;
 
         loop {
             let next_peer = self
@@ -364,6 +382,7 @@ impl Engine {
                         anyhow::bail!("control session stopped");
                     }
                     let st = state_rx.borrow_and_update().clone();
+                    self.control_state = st.clone();
                     match st {
                         SessionState::NeedsLogin { url } => {
                             tracing::warn!(%url, "to add this device, open this URL and log in");
@@ -377,16 +396,17 @@ impl Engine {
                 }
                 Some(report) = report_rx.recv() => {
                     self.on_report(&report, &portmap_ext.borrow().clone()).await;
-                    last_report = Some(report);
+                    self.last_report = Some(report);
                 }
+                Some(q) = api_rx.recv() => self.on_query(q),
                 r = portmap_ext.changed() => {
                     if r.is_ok() {
                         let ext = *portmap_ext.borrow_and_update();
                         if let Some(e) = ext {
                             tracing::info!(external = %e, "router mapped a port for us");
                         }
-                        if let Some(rep) = &last_report {
-                            self.update_endpoints(rep, &ext).await;
+                        if let Some(rep) = self.last_report.clone() {
+                            self.update_endpoints(&rep, &ext).await;
                         }
                     }
                 }
@@ -503,6 +523,109 @@ impl Engine {
         }
         self.report_home().await;
         self.update_endpoints(report, ext).await;
+    }
+
+    fn on_query(&self, q: Query) {
+        let now = Instant::now();
+        match q {
+            Query::Status(tx) => {
+                let _ = tx.send(self.status(now));
+            }
+            Query::Whois(ip, tx) => {
+                let p = self
+                    .routes
+                    .lookup(ip)
+                    .and_then(|k| self.peers.get(&k))
+                    .map(|p| self.peer_status(p, now));
+                let _ = tx.send(p);
+            }
+        }
+    }
+
+    fn region_name(&self, region: i32) -> Option<String> {
+        self.relays.map().regions.get(&region).map(|r| {
+            if r.region_name.is_empty() {
+                r.region_code.clone()
+            } else {
+                r.region_name.clone()
+            }
+        })
+    }
+
+    fn peer_status(&self, p: &Peer, now: Instant) -> proto::localapi::PeerStatus {
+        let node = self
+            .netmap
+            .as_ref()
+            .and_then(|nm| nm.peers.values().find(|n| n.key == p.key));
+        let (hs, tx, rx) = p.wg.stats();
+        let targets = p.path.send_targets(now);
+        let path = match (targets.udp, p.home_region > 0) {
+            (Some(_), _) => "direct",
+            (None, true) => "relay",
+            (None, false) => "none",
+        };
+        let mut reason = p.path.reason(now).describe(now);
+        if path == "none" {
+            reason = "no path: the peer has no home relay yet and no direct path".into();
+        }
+        proto::localapi::PeerStatus {
+            name: p.name.trim_end_matches('.').to_string(),
+            node_key: p.key.to_string(),
+            addresses: node.map(|n| n.addresses.clone()).unwrap_or_default(),
+            os: node
+                .and_then(|n| n.hostinfo.as_ref())
+                .map(|h| h.os.clone())
+                .unwrap_or_default(),
+            online: node.and_then(|n| n.online),
+            path: path.into(),
+            direct: targets.udp.map(|a| a.to_string()),
+            relay_region: (p.home_region > 0).then_some(p.home_region),
+            relay_region_name: self.region_name(p.home_region),
+            reason,
+            last_handshake_secs: hs.map(|d| d.as_secs_f64()),
+            rx_bytes: rx as u64,
+            tx_bytes: tx as u64,
+        }
+    }
+
+    fn status(&self, now: Instant) -> proto::localapi::Status {
+        let me = self.netmap.as_ref().and_then(|nm| nm.self_node.as_ref());
+        let home = self.relays.home();
+        let (state, auth_url) = match &self.control_state {
+            SessionState::NeedsLogin { url } => ("NeedsLogin", Some(url.clone())),
+            _ if self.netmap.is_some() => ("Running", None),
+            _ => ("Starting", None),
+        };
+        proto::localapi::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            state: state.into(),
+            auth_url,
+            control_url: self.control_url.clone(),
+            control_connected: matches!(self.control_state, SessionState::Connected),
+            me: proto::localapi::SelfStatus {
+                name: me
+                    .map(|n| n.name.trim_end_matches('.').to_string())
+                    .unwrap_or_default(),
+                node_key: self.me_pub.to_string(),
+                addresses: me.map(|n| n.addresses.clone()).unwrap_or_default(),
+                os: std::env::consts::OS.into(),
+                endpoints: self.endpoints.iter().map(|e| e.to_string()).collect(),
+                home_region: home,
+                home_region_name: home.and_then(|h| self.region_name(h)),
+                home_latency_ms: home.and_then(|h| {
+                    self.last_report
+                        .as_ref()
+                        .and_then(|r| r.region_latency.get(&h))
+                        .map(|d| d.as_secs_f64() * 1000.0)
+                }),
+                tun: self.tun.as_ref().map(|t| t.name().to_string()),
+            },
+            peers: self
+                .peers
+                .values()
+                .map(|p| self.peer_status(p, now))
+                .collect(),
+        }
     }
 
     /// Tells control our home region once we are connected there: a peer that learns

@@ -2,6 +2,7 @@
 //! holds relay connections, chooses paths with disco, and carries IP packets between the
 //! TUN device and peers inside WireGuard.
 
+pub mod api;
 pub mod engine;
 pub mod interfaces;
 pub mod peer;

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod debug;
+mod local;
 mod netcheck;
 
 #[derive(Debug, Parser)]
@@ -13,12 +14,22 @@ mod netcheck;
     about = "Control and inspect agentd, the mesh VPN daemon."
 )]
 struct Cli {
+    #[command(flatten)]
+    conn: local::Conn,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// This device and its peers: addresses, paths (direct or relay, and why), traffic.
+    Status(local::StatusArgs),
+    /// This device's tunnel addresses.
+    Ip(local::IpArgs),
+    /// Which peer owns a tunnel address.
+    Whois(local::WhoisArgs),
+    /// agentctl's and the running agentd's versions.
+    Version(local::VersionArgs),
     /// Measure this network: public address, NAT type, port mapping, relay latency.
     Netcheck(netcheck::Args),
     /// Debugging tools for one mechanism at a time.
@@ -41,6 +52,10 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
+            Command::Status(a) => local::status(&cli.conn, a).await,
+            Command::Ip(a) => local::ip(&cli.conn, a).await,
+            Command::Whois(a) => local::whois(&cli.conn, a).await,
+            Command::Version(a) => local::version(&cli.conn, a).await,
             Command::Netcheck(args) => netcheck::run(args).await,
             Command::Debug(cmd) => debug::run(cmd).await,
         }

@@ -7,6 +7,7 @@
 //! ([`RelayMap::load`]) and private-key files ([`secretfile`]).
 
 pub mod keys;
+pub mod localapi;
 pub mod nacl;
 pub mod netmap;
 pub mod relaymap;

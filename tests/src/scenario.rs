@@ -198,12 +198,42 @@ pub struct Device {
     pub agentd: ChildGuard,
     /// Its tunnel address, once known.
     pub ip: Ipv4Addr,
+    /// Its local API socket.
+    pub socket: PathBuf,
+}
+
+impl Device {
+    /// Runs `agentctl ARGS` against this device's agentd; returns (success, stdout, stderr).
+    pub fn agentctl(&self, lab: &Lab, args: &[&str]) -> Result<(bool, String, String)> {
+        let mut all = vec!["--socket".to_string(), self.socket.display().to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let out = lab.exec(&self.host, process::agentctl()?, all)?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// `agentctl status --json`, parsed.
+    pub fn status(&self, lab: &Lab) -> Result<serde_json::Value> {
+        let (ok, out, err) = self.agentctl(lab, &["status", "--json"])?;
+        if !ok {
+            return Err(LabError::Invalid(format!("agentctl status failed: {err}")));
+        }
+        serde_json::from_str(&out).map_err(|e| {
+            LabError::Invalid(format!(
+                "agentctl status --json printed non-JSON ({e}):\n{out}"
+            ))
+        })
+    }
 }
 
 /// Starts `agentd up` on `host` and waits until its TUN device is up; returns the
 /// device with its 100.x address.
 pub fn start_agentd(lab: &Lab, host: &Host, name: &str, control: &Control) -> Result<Device> {
     let state = lab.log_dir().join(format!("{name}-state"));
+    let socket = lab.log_dir().join(format!("{name}.sock"));
     let mut agentd = lab.spawn(
         host,
         process::agentd()?,
@@ -217,6 +247,8 @@ pub fn start_agentd(lab: &Lab, host: &Host, name: &str, control: &Control) -> Re
             name.to_string(),
             "--state-dir".to_string(),
             state.display().to_string(),
+            "--socket".to_string(),
+            socket.display().to_string(),
             "--log-level".to_string(),
             "info,agent=debug".to_string(),
         ],
@@ -234,6 +266,7 @@ pub fn start_agentd(lab: &Lab, host: &Host, name: &str, control: &Control) -> Re
         host: host.clone(),
         agentd,
         ip,
+        socket,
     })
 }
 

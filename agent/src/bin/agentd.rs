@@ -41,6 +41,9 @@ struct UpArgs {
     /// Name of the TUN device.
     #[arg(long, default_value = "agentd0")]
     tun: String,
+    /// The local API's Unix socket (default: /run/agentd/agentd.sock for root).
+    #[arg(long, env = "AGENTD_SOCKET")]
+    socket: Option<PathBuf>,
     /// Log filter (e.g. info, debug, agent=debug).
     #[arg(long, default_value = "info", env = "AGENTD_LOG")]
     log_level: String,
@@ -76,6 +79,9 @@ fn main() -> anyhow::Result<()> {
         state_dir: a.state_dir.unwrap_or_else(agent::state::default_state_dir),
         port: a.port,
         tun_name: a.tun,
+        socket: a
+            .socket
+            .unwrap_or_else(proto::localapi::default_socket_path),
     };
     // One thread: the data path is one task, and handing packets between threads costs
     // more (wake-ups, cache misses) than it gains on small machines.

@@ -1,0 +1,260 @@
+//! The local API server: HTTP/1.1 with JSON bodies on a Unix socket (documents in
+//! `proto::localapi`). Each connection carries one request; the engine answers queries
+//! through a bounded channel, so the API never touches engine state directly.
+//!
+//! The socket is created mode 0660, group `agentd` when that group exists, so root and
+//! members of the group can use agentctl. A stale socket file (left by a crash) is
+//! replaced; a live one (another agentd) is an error.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::localapi::{ApiError, PeerStatus, Status, Version};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::{mpsc, oneshot};
+
+/// Version of the API's paths (`/v1/…`).
+pub const API_VERSION: u32 = 1;
+/// Largest request head we read.
+const MAX_REQUEST: usize = 8 << 10;
+/// A client gets this long to send its request, and the engine to answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once (more wait in the kernel's backlog).
+const MAX_CONNS: usize = 32;
+
+/// A question for the engine.
+#[derive(Debug)]
+pub enum Query {
+    Status(oneshot::Sender<Status>),
+    Whois(IpAddr, oneshot::Sender<Option<PeerStatus>>),
+}
+
+/// The running server; the socket file is removed on drop.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` and serves queries through `engine`.
+#[cfg(unix)]
+pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServer> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agentd is already serving {} (stop it first)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the local API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Ok(Some(g)) = nix::unistd::Group::from_name("agentd") {
+        let _ = nix::unistd::chown(path, None, Some(g.gid));
+    }
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = std::sync::Arc::clone(&limit).acquire_owned().await else {
+                return;
+            };
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(TIMEOUT * 2, handle(stream, engine)).await;
+                drop(permit);
+            });
+        }
+    });
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        task,
+    })
+}
+
+#[cfg(not(unix))]
+pub fn serve(path: &Path, _engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServer> {
+    anyhow::bail!(
+        "the local API ({}) needs a Unix socket; the Windows named pipe is not written yet",
+        path.display()
+    )
+}
+
+/// A response: status code and JSON body.
+type Reply = (u16, String);
+
+fn json<T: serde::Serialize>(v: &T) -> Reply {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => (200, s),
+        Err(e) => error(500, &e.to_string()),
+    }
+}
+
+fn error(code: u16, msg: &str) -> Reply {
+    let body = serde_json::to_string(&ApiError {
+        error: msg.to_string(),
+    })
+    .unwrap_or_default();
+    (code, body)
+}
+
+#[cfg(unix)]
+async fn handle(mut stream: tokio::net::UnixStream, engine: mpsc::Sender<Query>) {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        let mut chunk = [0u8; 1024];
+        let n = match tokio::time::timeout(TIMEOUT, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_REQUEST {
+            let _ = write_reply(&mut stream, error(431, "request too large")).await;
+            return;
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let reply = match req.parse(&buf[..head_end]) {
+        Ok(httparse::Status::Complete(_)) => {
+            let method = req.method.unwrap_or_default().to_string();
+            let target = req.path.unwrap_or_default().to_string();
+            route(&method, &target, &engine).await
+        }
+        _ => error(400, "malformed request"),
+    };
+    let _ = write_reply(&mut stream, reply).await;
+}
+
+async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    (code, body): Reply,
+) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    w.write_all(head.as_bytes()).await?;
+    w.write_all(body.as_bytes()).await?;
+    w.shutdown().await
+}
+
+/// The value of `key` in a query string.
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+async fn ask<T>(
+    engine: &mpsc::Sender<Query>,
+    q: impl FnOnce(oneshot::Sender<T>) -> Query,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    engine.send_timeout(q(tx), TIMEOUT).await.ok()?;
+    tokio::time::timeout(TIMEOUT, rx).await.ok()?.ok()
+}
+
+async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Reply {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if method != "GET" {
+        return error(405, "only GET is served");
+    }
+    match path {
+        "/v1/version" => json(&Version {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api: API_VERSION,
+        }),
+        "/v1/status" => match ask(engine, Query::Status).await {
+            Some(s) => json(&s),
+            None => error(503, "agentd is busy or shutting down"),
+        },
+        "/v1/whois" => {
+            let Some(ip) = query_param(query, "ip").and_then(|s| s.parse::<IpAddr>().ok()) else {
+                return error(400, "want ?ip=ADDRESS");
+            };
+            match ask(engine, |tx| Query::Whois(ip, tx)).await {
+                Some(Some(p)) => json(&p),
+                Some(None) => error(404, &format!("no peer has the address {ip}")),
+                None => error(503, "agentd is busy or shutting down"),
+            }
+        }
+        _ => error(404, &format!("no such API path: {path}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param("ip=100.64.0.1&x=1", "ip"), Some("100.64.0.1"));
+        assert_eq!(query_param("x=1", "ip"), None);
+        assert_eq!(query_param("", "ip"), None);
+    }
+
+    #[tokio::test]
+    async fn routes_answer_and_reject() {
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(q) = rx.recv().await {
+                match q {
+                    Query::Status(r) => {
+                        let _ = r.send(Status {
+                            state: "Running".into(),
+                            ..Default::default()
+                        });
+                    }
+                    Query::Whois(_, r) => {
+                        let _ = r.send(None);
+                    }
+                }
+            }
+        });
+        let (code, body) = route("GET", "/v1/status", &tx).await;
+        assert_eq!(code, 200);
+        assert!(body.contains("Running"));
+        assert_eq!(route("GET", "/v1/whois?ip=100.64.0.9", &tx).await.0, 404);
+        assert_eq!(route("GET", "/v1/whois", &tx).await.0, 400);
+        assert_eq!(route("POST", "/v1/status", &tx).await.0, 405);
+        assert_eq!(route("GET", "/v2/status", &tx).await.0, 404);
+        assert_eq!(route("GET", "/v1/version", &tx).await.0, 200);
+    }
+}

@@ -1,0 +1,156 @@
+//! agentd's local API: HTTP/1.1 + JSON on a Unix socket, versioned paths. These are the
+//! documents it serves, shared by agentd (the server) and agentctl (the client).
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/v1/status` | [`Status`] |
+//! | GET | `/v1/whois?ip=100.64.0.2` | [`PeerStatus`] of the peer owning the address (404 if none) |
+//! | GET | `/v1/version` | [`Version`] |
+//!
+//! Errors are `{"error": "…"}` with a 4xx/5xx status.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where agentd listens by default: `/run/agentd/agentd.sock` for root (the service's
+/// runtime directory), otherwise `$XDG_RUNTIME_DIR/agentd.sock`, otherwise
+/// `/tmp/agentd-<uid>.sock`. `AGENTD_SOCKET` overrides it for both sides.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTD_SOCKET") {
+        return PathBuf::from(p);
+    }
+    #[cfg(unix)]
+    {
+        if is_root() {
+            return PathBuf::from("/run/agentd/agentd.sock");
+        }
+        if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+            return PathBuf::from(d).join("agentd.sock");
+        }
+    }
+    std::env::temp_dir().join(format!("agentd-{}.sock", user_tag()))
+}
+
+#[cfg(unix)]
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // The owner of a file we create is our effective user: cheaper to ask the kernel
+    // about /proc/self than to pull in libc here.
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn user_tag() -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(m) = std::fs::metadata("/proc/self") {
+            return m.uid().to_string();
+        }
+    }
+    std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .unwrap_or_else(|_| "user".into())
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// agentd's version.
+    pub version: String,
+    /// `Starting`, `NeedsLogin`, `Running`, `Stopped`.
+    pub state: String,
+    /// The login URL while `state` is `NeedsLogin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_url: Option<String>,
+    /// The control server's URL and whether we are connected to it.
+    pub control_url: String,
+    pub control_connected: bool,
+    #[serde(rename = "self")]
+    pub me: SelfStatus,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// This device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SelfStatus {
+    pub name: String,
+    pub node_key: String,
+    pub addresses: Vec<String>,
+    pub os: String,
+    /// Our endpoints as advertised to peers.
+    pub endpoints: Vec<String>,
+    pub home_region: Option<i32>,
+    pub home_region_name: Option<String>,
+    /// Round trip to the home region at the last netcheck, ms.
+    pub home_latency_ms: Option<f64>,
+    pub tun: Option<String>,
+}
+
+/// One peer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub node_key: String,
+    pub addresses: Vec<String>,
+    pub os: String,
+    /// What control says (None: it did not say).
+    pub online: Option<bool>,
+    /// `direct`, `relay` or `none` (no way to reach it yet).
+    pub path: String,
+    /// The direct address, when `path` is `direct`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<String>,
+    /// The peer's home relay region (ID and name), through which relayed traffic goes.
+    pub relay_region: Option<i32>,
+    pub relay_region_name: Option<String>,
+    /// Why the path is what it is (e.g. why it is relayed).
+    pub reason: String,
+    /// Seconds since the last WireGuard handshake (None: none yet).
+    pub last_handshake_secs: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// `GET /v1/version`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    pub version: String,
+    pub api: u32,
+}
+
+/// The error document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_uses_self() {
+        let s = Status {
+            version: "0.1.0".into(),
+            state: "Running".into(),
+            me: SelfStatus {
+                name: "a".into(),
+                ..Default::default()
+            },
+            peers: vec![PeerStatus {
+                name: "b".into(),
+                path: "relay".into(),
+                relay_region: Some(901),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let j = serde_json::to_string(&s).unwrap_or_default();
+        assert!(j.contains("\"self\":{"), "{j}");
+        let back: Status = serde_json::from_str(&j).unwrap_or_default();
+        assert_eq!(back, s);
+    }
+}

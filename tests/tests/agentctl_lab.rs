@@ -1,0 +1,161 @@
+//! agentctl against real agentd in the lab: `status` shows each peer's path (direct, or
+//! relay with the reason), `--json` parses, `ip`/`whois`/`version` answer, and a daemon
+//! that is not running gets a one-line error. Needs root; skips without it (fails under
+//! CI=true).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::print_stderr)] // the status tables go to the test's output
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::scenario::{self, ping_once, Device};
+use tests::{lab_or_skip, Lab, RouterSpec};
+
+/// Polls `status --json` until `peer`'s entry satisfies `ok`; returns that entry.
+fn wait_peer(
+    lab: &Lab,
+    dev: &Device,
+    peer: &str,
+    within: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = dev.status(lab).unwrap();
+        if let Some(p) = s["peers"].as_array().and_then(|ps| {
+            ps.iter()
+                .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(peer)))
+        }) {
+            if ok(p) {
+                return p.clone();
+            }
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{peer} never matched in {}'s status:\n{s:#}",
+            dev.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn status_shows_direct_and_relayed_peers_with_the_reason() {
+    let lab = lab_or_skip!();
+    let near = scenario::start_region(&lab, 901, 10).unwrap();
+    let map = scenario::write_relay_map(&lab, &[&near], &[]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let rc = lab.add_router("rc", RouterSpec::hard()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let hc = lab.add_lan_host("carol", &rc).unwrap();
+    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
+    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
+    let c = scenario::start_agentd(&lab, &hc, "carol", &control).unwrap();
+    // Alice behind an easy NAT talks to bob (easy: direct) and carol (hard: relayed).
+    let t0 = Instant::now();
+    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    while ping_once(&lab, &ha, c.ip, Duration::from_secs(1)).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    for _ in 0..3 {
+        ping_once(&lab, &ha, c.ip, Duration::from_secs(1));
+    }
+
+    let pb = wait_peer(&lab, &a, "bob", Duration::from_secs(5), |p| {
+        p["path"] == "direct"
+    });
+    assert!(
+        pb["direct"]
+            .as_str()
+            .unwrap()
+            .starts_with(&rb.wan_ip.to_string()),
+        "{pb:#}"
+    );
+    assert!(pb["last_handshake_secs"].as_f64().is_some(), "{pb:#}");
+    assert!(pb["tx_bytes"].as_u64().unwrap() > 0, "{pb:#}");
+    let pc = wait_peer(&lab, &a, "carol", Duration::from_secs(5), |p| {
+        p["path"] == "relay"
+            && p["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("unanswered"))
+    });
+    assert_eq!(pc["relay_region"], 901, "{pc:#}");
+
+    let s = a.status(&lab).unwrap();
+    assert_eq!(s["state"], "Running", "{s:#}");
+    assert_eq!(s["control_connected"], true, "{s:#}");
+    assert_eq!(s["self"]["home_region"], 901, "{s:#}");
+    assert!(
+        s["self"]["home_latency_ms"].as_f64().unwrap() > 15.0,
+        "{s:#}"
+    );
+
+    // The table a person reads.
+    let (ok, table, err) = a.agentctl(&lab, &["status"]).unwrap();
+    assert!(ok, "{err}");
+    eprintln!("alice's agentctl status:\n{table}");
+    assert!(table.contains(&format!("direct {}:", rb.wan_ip)), "{table}");
+    assert!(table.contains("relay \"Region 901\""), "{table}");
+    assert!(table.contains("pings unanswered"), "{table}");
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .contains("home relay: Region 901"),
+        "{table}"
+    );
+
+    // ip, whois, version.
+    let (ok, out, _) = a.agentctl(&lab, &["ip", "-4"]).unwrap();
+    assert!(ok);
+    assert_eq!(out.trim(), a.ip.to_string());
+    let (ok, out, _) = a
+        .agentctl(&lab, &["whois", &b.ip.to_string(), "--json"])
+        .unwrap();
+    assert!(ok);
+    let w: Value = serde_json::from_str(&out).unwrap();
+    assert!(w["name"].as_str().unwrap().starts_with("bob"), "{w:#}");
+    let (ok, _, err) = a.agentctl(&lab, &["whois", "100.64.0.99"]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("no peer has the address 100.64.0.99"), "{err}");
+    let (ok, out, _) = a.agentctl(&lab, &["version", "--json"]).unwrap();
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["agentd"], v["agentctl"], "{v:#}");
+}
+
+#[test]
+fn agentctl_without_a_daemon_says_so_in_one_line() {
+    let lab = lab_or_skip!();
+    let h = lab.add_public_host("h").unwrap();
+    let sock = lab.log_dir().join("nobody.sock");
+    let out = lab
+        .exec(
+            &h,
+            tests::process::agentctl().unwrap(),
+            ["--socket", &sock.display().to_string(), "status"],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("agentd is not running"), "{err}");
+    // A stale socket file (a crashed daemon's) reads the same.
+    std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let out = lab
+        .exec(
+            &h,
+            tests::process::agentctl().unwrap(),
+            ["--socket", &sock.display().to_string(), "status"],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agentd is not running"));
+}
