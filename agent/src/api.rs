@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::localapi::{ApiError, PeerStatus, Status, Version};
+use proto::localapi::{ApiError, PeerStatus, PingResult, Status, Version};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,6 +28,9 @@ const MAX_CONNS: usize = 32;
 pub enum Query {
     Status(oneshot::Sender<Status>),
     Whois(IpAddr, oneshot::Sender<Option<PeerStatus>>),
+    /// A disco ping to the peer named (or addressed) `peer`; the answer comes when the
+    /// pong does (the API side gives up after its timeout).
+    Ping(String, oneshot::Sender<Result<PingResult, String>>),
 }
 
 /// The running server; the socket file is removed on drop.
@@ -159,6 +162,7 @@ async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        504 => "Gateway Timeout",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
@@ -215,6 +219,29 @@ async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Repl
                 None => error(503, "agentd is busy or shutting down"),
             }
         }
+        "/v1/ping" => {
+            let Some(peer) = query_param(query, "peer").filter(|p| !p.is_empty()) else {
+                return error(400, "want ?peer=NAME_OR_ADDRESS");
+            };
+            let wait = query_param(query, "timeout_ms")
+                .and_then(|t| t.parse::<u64>().ok())
+                .map_or(Duration::from_secs(2), Duration::from_millis)
+                .min(TIMEOUT);
+            let (tx, rx) = oneshot::channel();
+            if engine
+                .send_timeout(Query::Ping(peer.to_string(), tx), TIMEOUT)
+                .await
+                .is_err()
+            {
+                return error(503, "agentd is busy or shutting down");
+            }
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(Ok(r))) => json(&r),
+                Ok(Ok(Err(e))) => error(404, &e),
+                Ok(Err(_)) => error(503, "agentd is shutting down"),
+                Err(_) => error(504, &format!("no pong from {peer} within {wait:?}")),
+            }
+        }
         _ => error(404, &format!("no such API path: {path}")),
     }
 }
@@ -244,6 +271,9 @@ mod tests {
                     }
                     Query::Whois(_, r) => {
                         let _ = r.send(None);
+                    }
+                    Query::Ping(_, r) => {
+                        let _ = r.send(Err("no such peer".into()));
                     }
                 }
             }

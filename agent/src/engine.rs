@@ -135,6 +135,17 @@ pub async fn run(
     engine.run(cfg, shutdown).await
 }
 
+type ApiWaiter = (
+    Instant,
+    tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, String>>,
+    NodePublic,
+);
+
+/// `agentctl ping`s in flight at most.
+const MAX_API_PINGS: usize = 64;
+/// An unanswered `agentctl ping` is forgotten after this long.
+const API_PING_FORGET: Duration = Duration::from_secs(30);
+
 /// A run of same-size datagrams to one address, waiting to be sent in one call.
 struct Gso {
     to: SocketAddr,
@@ -169,6 +180,8 @@ struct Engine {
     heard: HeardMap,
     reported_home: i32,
     control_url: String,
+    /// `agentctl ping`s waiting for their pong: sent at, reply, peer.
+    api_waiters: BTreeMap<disco::TxId, ApiWaiter>,
     control_state: SessionState,
     last_report: Option<Report>,
     counters: Counters,
@@ -210,6 +223,7 @@ impl Engine {
             heard: Arc::default(),
             reported_home: 0,
             control_url: String::new(),
+            api_waiters: BTreeMap::new(),
             control_state: SessionState::Connecting,
             last_report: None,
             counters: Counters::default(),
@@ -525,12 +539,121 @@ impl Engine {
         self.update_endpoints(report, ext).await;
     }
 
-    fn on_query(&self, q: Query) {
+    /// Resolves a peer by tunnel address, full name, or first name label.
+    fn find_peer(&self, target: &str) -> Option<NodePublic> {
+        if let Ok(ip) = target.parse::<IpAddr>() {
+            return self.routes.lookup(ip);
+        }
+        let t = target.trim_end_matches('.');
+        self.peers
+            .iter()
+            .find(|(_, p)| {
+                let n = p.name.trim_end_matches('.');
+                n == t || n.split('.').next() == Some(t)
+            })
+            .map(|(k, _)| *k)
+    }
+
+    /// `agentctl ping`: one disco ping on the path data would take now (directly when
+    /// there is a direct path, through the peer's relay otherwise; both while the direct
+    /// path is unconfirmed). Counts as traffic, so it also starts path discovery.
+    fn api_ping(
+        &mut self,
+        target: &str,
+        tx: tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, String>>,
+        now: Instant,
+    ) {
+        let Some(key) = self.find_peer(target) else {
+            let _ = tx.send(Err(format!("no peer named or addressed {target:?}")));
+            return;
+        };
+        self.api_waiters.retain(|_, w| {
+            now.saturating_duration_since(w.0) < API_PING_FORGET && !w.1.is_closed()
+        });
+        if self.api_waiters.len() >= MAX_API_PINGS {
+            let _ = tx.send(Err("too many pings in flight".into()));
+            return;
+        }
+        let tx_id: disco::TxId = rand::random();
+        let (me_disco, me_node) = (self.disco_pub, self.me_pub);
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let Some(packet) = p.seal_ping(&me_disco, &me_node, tx_id) else {
+            let _ = tx.send(Err("the peer has no disco key yet".into()));
+            return;
+        };
+        p.on_data_sent(now);
+        let (udp, relay) = p.send_targets(now);
+        let region = p.home_region;
+        if udp.is_none() && !(relay && region > 0) {
+            let _ = tx.send(Err(
+                "no path to the peer yet (no relay, no direct address)".into()
+            ));
+            return;
+        }
+        self.api_waiters.insert(tx_id, (now, tx, key));
+        if let Some(addr) = udp {
+            let sock = Arc::clone(&self.sock);
+            let pkt = packet.clone();
+            tokio::spawn(async move {
+                let _ = sock.send_to(&pkt, addr).await;
+            });
+        }
+        if relay && region > 0 {
+            self.relays.send(region, key, Bytes::from(packet), now);
+        }
+    }
+
+    /// Answers `agentctl ping`s whose pongs arrived.
+    fn collect_api_pongs(&mut self, key: NodePublic, now: Instant) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let pongs: Vec<_> = p.api_pongs.drain(..).collect();
+        let (name, home) = (p.name.trim_end_matches('.').to_string(), p.home_region);
+        let address = self
+            .netmap
+            .as_ref()
+            .and_then(|nm| nm.peers.values().find(|n| n.key == key))
+            .and_then(|n| n.addresses.first())
+            .map(|a| a.split('/').next().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        for (tx_id, via) in pongs {
+            let Some((sent, tx, _)) = self.api_waiters.remove(&tx_id) else {
+                continue;
+            };
+            let latency_ms = now.saturating_duration_since(sent).as_secs_f64() * 1000.0;
+            let r = match via {
+                crate::peer::Via::Udp(a) => proto::localapi::PingResult {
+                    peer: name.clone(),
+                    address: address.clone(),
+                    via: "direct".into(),
+                    endpoint: Some(a.to_string()),
+                    latency_ms,
+                    ..Default::default()
+                },
+                crate::peer::Via::Relay(r) => proto::localapi::PingResult {
+                    peer: name.clone(),
+                    address: address.clone(),
+                    via: "relay".into(),
+                    relay_region: Some(if r > 0 { r } else { home }),
+                    relay_region_name: self.region_name(if r > 0 { r } else { home }),
+                    latency_ms,
+                    ..Default::default()
+                },
+            };
+            let _ = tx.send(Ok(r));
+        }
+    }
+
+    fn on_query(&mut self, q: Query) {
         let now = Instant::now();
         match q {
             Query::Status(tx) => {
                 let _ = tx.send(self.status(now));
             }
+            Query::Ping(target, tx) => self.api_ping(&target, tx, now),
             Query::Whois(ip, tx) => {
                 let p = self
                     .routes
@@ -904,7 +1027,11 @@ impl Engine {
             return;
         };
         match p.handle_disco(pkt, via, relay_src, now) {
-            Ok(()) => {}
+            Ok(()) => {
+                if !p.api_pongs.is_empty() {
+                    self.collect_api_pongs(key, now);
+                }
+            }
             Err(crate::peer::DiscoDrop::Bad) => {
                 self.counters.disco_bad += 1;
                 tracing::debug!(peer = %key.short(), ?via, "disco message did not open");

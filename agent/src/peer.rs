@@ -60,6 +60,10 @@ pub struct Peer {
     pub home_region: i32,
     pub name: String,
     pending: VecDeque<PeerEvent>,
+    /// Transaction IDs of pings sent for the local API (`agentctl ping`), bounded.
+    pub api_pings: std::collections::BTreeSet<disco::TxId>,
+    /// Their answers, for the engine to collect.
+    pub api_pongs: VecDeque<(disco::TxId, Via)>,
     /// When we last sent a WireGuard handshake initiation.
     pub last_initiation: Option<Instant>,
     /// Path selection just found a direct path.
@@ -109,6 +113,8 @@ impl Peer {
             stalled: VecDeque::new(),
             last_initiation: None,
             went_direct: false,
+            api_pings: Default::default(),
+            api_pongs: VecDeque::new(),
         }
     }
 
@@ -204,7 +210,12 @@ impl Peer {
                 self.path.on_ping(pv, tx_id, now);
             }
             Message::Pong { tx_id, src } => {
-                if let Via::Udp(from) = via {
+                if self.api_pings.remove(&tx_id) {
+                    // An answer to `agentctl ping`: the engine reports it.
+                    if self.api_pongs.len() < MAX_PENDING {
+                        self.api_pongs.push_back((tx_id, via));
+                    }
+                } else if let Via::Udp(from) = via {
                     self.path.on_pong(from, tx_id, src, now);
                 }
             }
@@ -218,6 +229,29 @@ impl Peer {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A sealed disco ping with `tx_id` (for `agentctl ping`); None without a disco key.
+    pub fn seal_ping(
+        &mut self,
+        my_disco: &DiscoPublic,
+        my_node: &NodePublic,
+        tx_id: disco::TxId,
+    ) -> Option<Vec<u8>> {
+        let bx = self.disco_box.as_ref()?;
+        if self.api_pings.len() >= MAX_PENDING {
+            // Oldest-first is not tracked; a full set means pings went unanswered.
+            self.api_pings.clear();
+        }
+        self.api_pings.insert(tx_id);
+        Some(bx.seal(
+            my_disco,
+            &Message::Ping {
+                tx_id,
+                node_key: Some(*my_node),
+                padding: 0,
+            },
+        ))
     }
 
     /// The next datagram to send for this peer: pongs first, then what path selection

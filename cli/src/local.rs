@@ -388,3 +388,84 @@ mod tests {
         assert!(t.contains("rx 1234 B tx 20.0 KB"), "{t}");
     }
 }
+
+/// `agentctl ping`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  agentctl ping bob\n  agentctl ping 100.64.0.2 --count 20\n\nExits 0 at the first direct pong; 1 if no direct path answered (relayed pongs print but do not count)."
+)]
+pub struct PingArgs {
+    /// The peer: its name (`bob` or `bob.agentd.internal`) or tunnel address.
+    pub peer: String,
+    /// Pings at most.
+    #[arg(long, short = 'c', default_value_t = 10)]
+    pub count: u32,
+    /// How long to wait for each pong.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// One JSON object per ping.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One line of `agentctl ping` output.
+pub fn pong_text(r: &proto::localapi::PingResult) -> String {
+    let via = match r.via.as_str() {
+        "direct" => r.endpoint.clone().unwrap_or_default(),
+        _ => format!(
+            "relay {:?}",
+            r.relay_region_name
+                .clone()
+                .unwrap_or_else(|| r.relay_region.unwrap_or_default().to_string())
+        ),
+    };
+    format!(
+        "pong from {} ({}) via {via} in {:.1}ms",
+        r.peer, r.address, r.latency_ms
+    )
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn ping(conn: &Conn, a: PingArgs) -> anyhow::Result<()> {
+    let path = format!(
+        "/v1/ping?peer={}&timeout_ms={}",
+        a.peer,
+        a.timeout.as_millis()
+    );
+    for i in 0..a.count.max(1) {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        match conn.get::<proto::localapi::PingResult>(&path).await {
+            Ok(r) => {
+                if a.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!("{}", pong_text(&r));
+                }
+                if r.via == "direct" {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                // No such peer, or no daemon: no point in trying again.
+                if msg.contains("no peer named")
+                    || msg.contains("not running")
+                    || msg.contains("permission denied")
+                {
+                    return Err(e);
+                }
+                if a.json {
+                    println!("{}", serde_json::json!({ "error": msg }));
+                } else {
+                    println!("{msg}");
+                }
+            }
+        }
+    }
+    bail!(
+        "direct connection not established (after {} pings)",
+        a.count.max(1)
+    )
+}

@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// This device and its peers: addresses, paths (direct or relay, and why), traffic.
     Status(local::StatusArgs),
+    /// Disco pings to a peer, like `tailscale ping`: shows whether pongs come through a
+    /// relay or directly; stops at the first direct pong.
+    Ping(local::PingArgs),
     /// This device's tunnel addresses.
     Ip(local::IpArgs),
     /// Which peer owns a tunnel address.
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Status(a) => local::status(&cli.conn, a).await,
+            Command::Ping(a) => local::ping(&cli.conn, a).await,
             Command::Ip(a) => local::ip(&cli.conn, a).await,
             Command::Whois(a) => local::whois(&cli.conn, a).await,
             Command::Version(a) => local::version(&cli.conn, a).await,

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | GET | `/v1/status` | [`Status`] |
 //! | GET | `/v1/whois?ip=100.64.0.2` | [`PeerStatus`] of the peer owning the address (404 if none) |
+//! | GET | `/v1/ping?peer=bob&timeout_ms=2000` | [`PingResult`] (504 when no pong came) |
 //! | GET | `/v1/version` | [`Version`] |
 //!
 //! Errors are `{"error": "…"}` with a 4xx/5xx status.
@@ -112,6 +113,24 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<f64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+/// `GET /v1/ping?peer=NAME_OR_IP&timeout_ms=N`: one disco ping, answered by the first
+/// pong (through the relay or directly, whichever the current path uses).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub peer: String,
+    pub address: String,
+    /// `direct` or `relay`.
+    pub via: String,
+    /// The peer's address the pong came from, when direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_region: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_region_name: Option<String>,
+    pub latency_ms: f64,
 }
 
 /// `GET /v1/version`.

@@ -159,3 +159,59 @@ fn agentctl_without_a_daemon_says_so_in_one_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("agentd is not running"));
 }
+
+#[test]
+fn ping_reports_relay_pongs_then_a_direct_one() {
+    let lab = lab_or_skip!();
+    let near = scenario::start_region(&lab, 901, 10).unwrap();
+    let map = scenario::write_relay_map(&lab, &[&near], &[]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let rc = lab.add_router("rc", RouterSpec::hard()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let hc = lab.add_lan_host("carol", &rc).unwrap();
+    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
+    let _b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
+    let _c = scenario::start_agentd(&lab, &hc, "carol", &control).unwrap();
+    // Both peers known to alice, with their home relay, before the first ping.
+    wait_peer(&lab, &a, "bob", Duration::from_secs(10), |p| {
+        p["relay_region"] == 901
+    });
+    wait_peer(&lab, &a, "carol", Duration::from_secs(10), |p| {
+        p["relay_region"] == 901
+    });
+
+    // No traffic yet: the first pong comes through the relay, then a direct one ends it.
+    let (ok, out, err) = a.agentctl(&lab, &["ping", "bob", "--count", "10"]).unwrap();
+    eprintln!("agentctl ping bob:\n{out}{err}");
+    assert!(ok, "no direct pong: {out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("via relay \"Region 901\""), "{out}");
+    let last = lines.last().unwrap();
+    assert!(last.contains(&format!("via {}:", rb.wan_ip)), "{out}");
+    assert!(
+        lines.iter().filter(|l| !l.contains("via relay")).count() == 1,
+        "{out}"
+    );
+
+    // Carol is behind a hard NAT: relayed pongs only, and a non-zero exit.
+    let (ok, out, err) = a
+        .agentctl(&lab, &["ping", "carol", "--count", "3", "--json"])
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(err.contains("direct connection not established"), "{err}");
+    for l in out.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["via"], "relay", "{out}");
+    }
+
+    // An unknown peer: one line, non-zero.
+    let (ok, _, err) = a.agentctl(&lab, &["ping", "nobody"]).unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("no peer named or addressed \"nobody\""),
+        "{err}"
+    );
+}
