@@ -8,6 +8,7 @@ pub mod interfaces;
 pub mod peer;
 pub mod relays;
 pub mod routes;
+pub mod service;
 pub mod sock;
 pub mod state;
 pub mod tundev;

@@ -202,7 +202,11 @@ pub fn render_status(s: &Status) -> String {
             [
                 first_v4(&p.addresses),
                 short_name(&p.name),
-                p.os.clone(),
+                if p.os.is_empty() {
+                    "-".into()
+                } else {
+                    p.os.clone()
+                },
                 match p.online {
                     Some(true) => "online".into(),
                     Some(false) => "offline".into(),

@@ -17,6 +17,78 @@ struct Cli {
 enum Command {
     /// Join the network and carry traffic until stopped.
     Up(UpArgs),
+    /// Run agentd as a system service (systemd on Linux, launchd on macOS).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Install (or update) the service and start it; running it again changes nothing
+    /// unless the settings changed.
+    #[command(
+        after_help = "Example:\n  sudo agentd service install --login-server https://control.example.com --auth-key KEY"
+    )]
+    Install {
+        /// The control server the service joins.
+        #[arg(long)]
+        login_server: Option<String>,
+        /// A pre-auth key for the first join (stored root-only).
+        #[arg(long)]
+        auth_key: Option<String>,
+        /// Write the files under this directory instead of / and start nothing
+        /// (for packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Write and enable, but do not start now.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop the service and remove it.
+    Uninstall {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Whether the service is installed and running.
+    Status {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn service(cmd: ServiceCmd) -> std::process::ExitCode {
+    use agent::service;
+    let r = match cmd {
+        ServiceCmd::Install {
+            login_server,
+            auth_key,
+            root,
+            no_start,
+        } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| {
+                service::install(&service::InstallOptions {
+                    exe: exe.canonicalize().unwrap_or(exe),
+                    login_server,
+                    auth_key,
+                    root,
+                    start: !no_start,
+                })
+            }),
+        ServiceCmd::Uninstall { root } => service::uninstall(&root),
+        ServiceCmd::Status { root } => service::status(&root),
+    };
+    match r {
+        Ok(msg) => {
+            println!("{msg}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,9 +116,13 @@ struct UpArgs {
     /// The local API's Unix socket (default: /run/agentd/agentd.sock for root).
     #[arg(long, env = "AGENTD_SOCKET")]
     socket: Option<PathBuf>,
-    /// Log filter (e.g. info, debug, agent=debug).
+    /// Log filter, `RUST_LOG` syntax (e.g. info, debug, agent=debug); `RUST_LOG` wins.
     #[arg(long, default_value = "info", env = "AGENTD_LOG")]
     log_level: String,
+    /// `text` (plain when not on a terminal, as journald wants it) or `json` (one object
+    /// per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn hostname() -> String {
@@ -58,17 +134,40 @@ fn hostname() -> String {
         .unwrap_or_else(|| "device".into())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let Command::Up(a) = cli.command;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&a.log_level)
-                .context("bad --log-level filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    match cli.command {
+        Command::Service(cmd) => service(cmd),
+        Command::Up(a) => match up(a) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("agentd: {e:#}");
+                }
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn up(a: UpArgs) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&f).context("bad RUST_LOG filter")?
+        }
+        _ => tracing_subscriber::EnvFilter::try_new(&a.log_level)
+            .context("bad --log-level filter")?,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if a.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let cfg = agent::engine::Config {
         login_server: a
             .login_server
