@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::localapi::{ApiError, PeerStatus, PingResult, Status, Version};
+use proto::localapi::{ApiError, NetcheckResult, PeerStatus, PingResult, Status, Version};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +20,8 @@ pub const API_VERSION: u32 = 1;
 const MAX_REQUEST: usize = 8 << 10;
 /// A client gets this long to send its request, and the engine to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// A fresh netcheck report takes up to 5 s (more with the HTTPS fallback).
+const NETCHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once (more wait in the kernel's backlog).
 const MAX_CONNS: usize = 32;
 
@@ -31,6 +33,8 @@ pub enum Query {
     /// A disco ping to the peer named (or addressed) `peer`; the answer comes when the
     /// pong does (the API side gives up after its timeout).
     Ping(String, oneshot::Sender<Result<PingResult, String>>),
+    /// A fresh netcheck report (answered when the next report is ready).
+    Netcheck(oneshot::Sender<NetcheckResult>),
 }
 
 /// The running server; the socket file is removed on drop.
@@ -219,6 +223,20 @@ async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Repl
                 None => error(503, "agentd is busy or shutting down"),
             }
         }
+        "/v1/netcheck" => {
+            let (tx, rx) = oneshot::channel();
+            if engine
+                .send_timeout(Query::Netcheck(tx), TIMEOUT)
+                .await
+                .is_err()
+            {
+                return error(503, "agentd is busy or shutting down");
+            }
+            match tokio::time::timeout(NETCHECK_TIMEOUT, rx).await {
+                Ok(Ok(r)) => json(&r),
+                _ => error(504, "no netcheck report within 10 s"),
+            }
+        }
         "/v1/ping" => {
             let Some(peer) = query_param(query, "peer").filter(|p| !p.is_empty()) else {
                 return error(400, "want ?peer=NAME_OR_ADDRESS");
@@ -275,6 +293,7 @@ mod tests {
                     Query::Ping(_, r) => {
                         let _ = r.send(Err("no such peer".into()));
                     }
+                    Query::Netcheck(_) => {}
                 }
             }
         });

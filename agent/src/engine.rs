@@ -328,6 +328,9 @@ impl Engine {
         let mut next_wg_tick = tokio::time::Instant::now() + WG_TICK;
         let mut next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
         let mut next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
+        let mut netcheck_waiters: Vec<
+            tokio::sync::oneshot::Sender<proto::localapi::NetcheckResult>,
+        > = Vec::new();
         let mut local_addrs = crate::interfaces::local_addresses();
 
         loop {
@@ -410,9 +413,34 @@ impl Engine {
                 }
                 Some(report) = report_rx.recv() => {
                     self.on_report(&report, &portmap_ext.borrow().clone()).await;
+                    if !netcheck_waiters.is_empty() {
+                        let answer = proto::localapi::NetcheckResult {
+                            report: serde_json::to_value(&report).unwrap_or_default(),
+                            text: netcheck::text::format_report(
+                                &report,
+                                &netcheck::ReportDetails::default(),
+                                self.relays.map(),
+                                false,
+                                &humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                                    .to_string(),
+                            ),
+                        };
+                        for w in netcheck_waiters.drain(..) {
+                            let _ = w.send(answer.clone());
+                        }
+                    }
                     self.last_report = Some(report);
                 }
-                Some(q) = api_rx.recv() => self.on_query(q),
+                Some(q) = api_rx.recv() => match q {
+                    Query::Netcheck(tx) => {
+                        // Answered by the next report, which this asks for now.
+                        if netcheck_waiters.len() < 16 {
+                            netcheck_waiters.push(tx);
+                        }
+                        let _ = renetcheck_tx.try_send(());
+                    }
+                    q => self.on_query(q),
+                },
                 r = portmap_ext.changed() => {
                     if r.is_ok() {
                         let ext = *portmap_ext.borrow_and_update();
@@ -654,6 +682,8 @@ impl Engine {
                 let _ = tx.send(self.status(now));
             }
             Query::Ping(target, tx) => self.api_ping(&target, tx, now),
+            // Handled in the run loop (it owns the netcheck task's handle).
+            Query::Netcheck(_) => {}
             Query::Whois(ip, tx) => {
                 let p = self
                     .routes

@@ -60,7 +60,7 @@ fn main() -> std::process::ExitCode {
             Command::Ip(a) => local::ip(&cli.conn, a).await,
             Command::Whois(a) => local::whois(&cli.conn, a).await,
             Command::Version(a) => local::version(&cli.conn, a).await,
-            Command::Netcheck(args) => netcheck::run(args).await,
+            Command::Netcheck(args) => netcheck::run(&cli.conn, args).await,
             Command::Debug(cmd) => debug::run(cmd).await,
         }
     });

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod portmap;
 pub mod report;
 pub mod stun;
+pub mod text;
 
 pub use client::{Netchecker, ReportDetails, StunInbox};
 pub use home::{HomeChooser, HomeReason};

@@ -6,6 +6,7 @@
 //! | GET | `/v1/status` | [`Status`] |
 //! | GET | `/v1/whois?ip=100.64.0.2` | [`PeerStatus`] of the peer owning the address (404 if none) |
 //! | GET | `/v1/ping?peer=bob&timeout_ms=2000` | [`PingResult`] (504 when no pong came) |
+//! | GET | `/v1/netcheck` | [`NetcheckResult`] (a fresh report) |
 //! | GET | `/v1/version` | [`Version`] |
 //!
 //! Errors are `{"error": "…"}` with a 4xx/5xx status.
@@ -131,6 +132,15 @@ pub struct PingResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_region_name: Option<String>,
     pub latency_ms: f64,
+}
+
+/// `GET /v1/netcheck`: a fresh report from agentd's own socket (the one its peers see).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckResult {
+    /// The report in Tailscale's JSON form (latencies in nanoseconds) plus `NATType`.
+    pub report: serde_json::Value,
+    /// The same, the way `agentctl netcheck` prints it.
+    pub text: String,
 }
 
 /// `GET /v1/version`.

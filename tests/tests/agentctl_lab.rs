@@ -129,6 +129,19 @@ fn status_shows_direct_and_relayed_peers_with_the_reason() {
     assert!(ok);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["agentd"], v["agentctl"], "{v:#}");
+
+    // netcheck through the daemon: a fresh report from agentd's own socket.
+    let (ok, out, err) = a.agentctl(&lab, &["netcheck"]).unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("* Nearest relay: Region 901"), "{out}");
+    assert!(
+        out.contains(&format!("* IPv4: yes, {}:41641", ra.wan_ip)),
+        "{out}"
+    );
+    let (ok, out, err) = a.agentctl(&lab, &["netcheck", "--json"]).unwrap();
+    assert!(ok, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["PreferredDERP"], 901, "{r:#}");
 }
 
 #[test]
