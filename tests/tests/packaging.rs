@@ -162,3 +162,170 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+fn have_cargo_deb() -> bool {
+    let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !tests::in_ci(),
+            "cargo-deb is missing (cargo install cargo-deb; .ci/run does)"
+        );
+        eprintln!("SKIPPED (not CI): cargo-deb is missing");
+    }
+    ok
+}
+
+/// Builds the .deb of workspace package `pkg` from the binaries already built (this test
+/// run's profile; releases use `cargo deb` with the release profile) into `out`.
+fn build_deb(pkg: &str, out: &Path) -> PathBuf {
+    let profile = tests::process::agentd()
+        .unwrap()
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap();
+    let profile = if profile == "debug" {
+        "dev".to_string()
+    } else {
+        profile
+    };
+    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .args([
+            "deb",
+            "-p",
+            pkg,
+            "--no-build",
+            "--fast",
+            "--profile",
+            &profile,
+            "-o",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cargo deb -p {pkg}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let path = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    PathBuf::from(path)
+}
+
+fn deb_files(deb: &Path) -> Vec<String> {
+    let o = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(deb)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|p| p.trim_start_matches('.').to_string())
+        .collect()
+}
+
+#[test]
+fn debs_hold_the_binaries_and_units_and_install_into_a_scratch_root() {
+    if !have_cargo_deb() {
+        return;
+    }
+    // The binaries the packages take.
+    for bin in [
+        tests::process::agentd(),
+        tests::process::agentctl(),
+        tests::process::relayd(),
+        tests::process::controld(),
+    ] {
+        bin.unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let expect: [(&str, &str, &[&str]); 3] = [
+        (
+            "agent",
+            "agentd",
+            &[
+                "/usr/bin/agentd",
+                "/usr/bin/agentctl",
+                "/lib/systemd/system/agentd.service",
+            ],
+        ),
+        (
+            "relay",
+            "relayd",
+            &["/usr/bin/relayd", "/lib/systemd/system/relayd.service"],
+        ),
+        (
+            "control",
+            "controld",
+            &["/usr/bin/controld", "/lib/systemd/system/controld.service"],
+        ),
+    ];
+    let mut agentd_deb = None;
+    for (pkg, name, files) in expect {
+        let deb = build_deb(pkg, out.path());
+        let field = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&deb)
+            .arg("Package")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&field.stdout).trim(), name);
+        let listed = deb_files(&deb);
+        for f in files {
+            assert!(
+                listed.iter().any(|l| l == f),
+                "{name}: no {f} in {listed:?}"
+            );
+        }
+        if name == "agentd" {
+            agentd_deb = Some(deb);
+        }
+    }
+
+    // Install agentd's package into a scratch root with dpkg itself.
+    let root = tempfile::tempdir().unwrap();
+    let admin = root.path().join("var/lib/dpkg");
+    std::fs::create_dir_all(admin.join("info")).unwrap();
+    std::fs::create_dir_all(admin.join("updates")).unwrap();
+    std::fs::write(admin.join("status"), "").unwrap();
+    let o = Command::new("dpkg")
+        .arg(format!("--root={}", root.path().display()))
+        .args(["--force-depends", "--force-script-chrootless", "-i"])
+        .arg(agentd_deb.unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dpkg -i: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let agentd = root.path().join("usr/bin/agentd");
+    assert!(root.path().join("usr/bin/agentctl").is_file());
+    assert!(root
+        .path()
+        .join("lib/systemd/system/agentd.service")
+        .is_file());
+    let v = Command::new(&agentd).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&v.stdout).starts_with("agentd "),
+        "{v:?}"
+    );
+    // dpkg knows the package and its files.
+    let l = Command::new("dpkg")
+        .arg(format!("--root={}", root.path().display()))
+        .args(["-L", "agentd"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&l.stdout).contains("/usr/bin/agentd"));
+}
