@@ -35,6 +35,10 @@ pub enum Query {
     Ping(String, oneshot::Sender<Result<PingResult, String>>),
     /// A fresh netcheck report (answered when the next report is ready).
     Netcheck(oneshot::Sender<NetcheckResult>),
+    /// Connect again after `Down`.
+    Up(oneshot::Sender<()>),
+    /// Disconnect from control, remove the tunnel; the daemon keeps running.
+    Down(oneshot::Sender<()>),
 }
 
 /// The running server; the socket file is removed on drop.
@@ -201,10 +205,19 @@ async fn ask<T>(
 
 async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Reply {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if method != "GET" {
-        return error(405, "only GET is served");
+    let post = matches!(path, "/v1/up" | "/v1/down");
+    if (post && method != "POST") || (!post && method != "GET") {
+        return error(405, if post { "use POST" } else { "use GET" });
     }
     match path {
+        "/v1/up" => match ask(engine, Query::Up).await {
+            Some(()) => json(&serde_json::json!({ "state": "up" })),
+            None => error(503, "agentd is busy or shutting down"),
+        },
+        "/v1/down" => match ask(engine, Query::Down).await {
+            Some(()) => json(&serde_json::json!({ "state": "down" })),
+            None => error(503, "agentd is busy or shutting down"),
+        },
         "/v1/version" => json(&Version {
             version: env!("CARGO_PKG_VERSION").to_string(),
             api: API_VERSION,
@@ -294,6 +307,9 @@ mod tests {
                         let _ = r.send(Err("no such peer".into()));
                     }
                     Query::Netcheck(_) => {}
+                    Query::Up(r) | Query::Down(r) => {
+                        let _ = r.send(());
+                    }
                 }
             }
         });
@@ -303,6 +319,8 @@ mod tests {
         assert_eq!(route("GET", "/v1/whois?ip=100.64.0.9", &tx).await.0, 404);
         assert_eq!(route("GET", "/v1/whois", &tx).await.0, 400);
         assert_eq!(route("POST", "/v1/status", &tx).await.0, 405);
+        assert_eq!(route("GET", "/v1/down", &tx).await.0, 405);
+        assert_eq!(route("POST", "/v1/down", &tx).await.0, 200);
         assert_eq!(route("GET", "/v2/status", &tx).await.0, 404);
         assert_eq!(route("GET", "/v1/version", &tx).await.0, 200);
     }

@@ -104,7 +104,7 @@ pub async fn run(
     let port = sock.local_addr()?.port();
     tracing::info!(port, node = %keys.node.public().short(), "agentd starting");
 
-    let session = ControlSession::spawn(SessionConfig {
+    let session_cfg = SessionConfig {
         url: cfg.login_server.clone(),
         machine: keys.machine.clone(),
         node: keys.node.clone(),
@@ -121,7 +121,7 @@ pub async fn run(
         version: CAP_VERSION,
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_secs(30),
-    });
+    };
 
     let udp = Arc::new(UdpIo::new(Arc::clone(&sock)).context("setting up the UDP socket")?);
     let mut engine = Engine::new(
@@ -130,7 +130,7 @@ pub async fn run(
         Arc::clone(&sock),
         udp,
         port,
-        session,
+        session_cfg,
     );
     engine.run(cfg, shutdown).await
 }
@@ -166,7 +166,9 @@ struct Engine {
     udp: Arc<UdpIo>,
     gso: Option<Gso>,
     port: u16,
-    session: ControlSession,
+    /// The control session; None while `agentctl down` holds the device down.
+    session: Option<ControlSession>,
+    session_cfg: SessionConfig,
     relays: Relays,
     relay_rx: mpsc::Receiver<(i32, RelayEvent)>,
     peers: BTreeMap<NodePublic, Peer>,
@@ -196,8 +198,9 @@ impl Engine {
         sock: Arc<UdpSocket>,
         udp: Arc<UdpIo>,
         port: u16,
-        session: ControlSession,
+        session_cfg: SessionConfig,
     ) -> Self {
+        let session = Some(ControlSession::spawn(session_cfg.clone()));
         let (relays, relay_rx) = Relays::new(me.clone());
         let disco_pub = disco.public();
         Engine {
@@ -210,6 +213,7 @@ impl Engine {
             sock,
             port,
             session,
+            session_cfg,
             relays,
             relay_rx,
             peers: BTreeMap::new(),
@@ -321,8 +325,8 @@ impl Engine {
         });
         let _netcheck_guard = AbortOnDrop(netcheck_task);
 
-        let mut netmap_rx = self.session.netmap.clone();
-        let mut state_rx = self.session.state.clone();
+        let mut netmap_rx = self.session.as_ref().map(|s| s.netmap.clone());
+        let mut state_rx = self.session.as_ref().map(|s| s.state.clone());
         let (tun_in_tx, mut tun_in_rx) = mpsc::channel::<Vec<Vec<u8>>>(QUEUE / 16);
         let mut tun_tasks: Vec<AbortOnDrop> = Vec::new();
         let mut next_wg_tick = tokio::time::Instant::now() + WG_TICK;
@@ -368,11 +372,11 @@ impl Engine {
                     }
                 }
                 Some((region, ev)) = self.relay_rx.recv() => self.on_relay_event(region, ev).await,
-                r = netmap_rx.changed() => {
-                    if r.is_err() {
+                ok = changed(&mut netmap_rx) => {
+                    if !ok {
                         anyhow::bail!("control session stopped");
                     }
-                    let nm = netmap_rx.borrow_and_update().clone();
+                    let nm = netmap_rx.as_mut().and_then(|r| r.borrow_and_update().clone());
                     if let Some(nm) = nm {
                         if let Some(m) = &nm.relay_map {
                             if map_tx.borrow().as_ref() != Some(m) {
@@ -394,11 +398,13 @@ impl Engine {
                         self.netmap = Some(nm);
                     }
                 }
-                r = state_rx.changed() => {
-                    if r.is_err() {
+                ok = changed(&mut state_rx) => {
+                    if !ok {
                         anyhow::bail!("control session stopped");
                     }
-                    let st = state_rx.borrow_and_update().clone();
+                    let Some(st) = state_rx.as_mut().map(|r| r.borrow_and_update().clone()) else {
+                        continue;
+                    };
                     self.control_state = st.clone();
                     match st {
                         SessionState::NeedsLogin { url } => {
@@ -438,6 +444,27 @@ impl Engine {
                             netcheck_waiters.push(tx);
                         }
                         let _ = renetcheck_tx.try_send(());
+                    }
+                    Query::Down(tx) => {
+                        if self.session.is_some() {
+                            tracing::info!("going down (agentctl down): tunnel removed, disconnected from control");
+                            tun_tasks.clear();
+                            netmap_rx = None;
+                            state_rx = None;
+                            self.go_down();
+                        }
+                        let _ = tx.send(());
+                    }
+                    Query::Up(tx) => {
+                        if self.session.is_none() {
+                            tracing::info!("coming up (agentctl up)");
+                            let s = ControlSession::spawn(self.session_cfg.clone());
+                            netmap_rx = Some(s.netmap.clone());
+                            state_rx = Some(s.state.clone());
+                            self.session = Some(s);
+                            let _ = renetcheck_tx.try_send(());
+                        }
+                        let _ = tx.send(());
                     }
                     q => self.on_query(q),
                 },
@@ -558,7 +585,29 @@ impl Engine {
         self.routes = RouteTable::build(self.peers.iter().map(|(k, p)| (*k, &p.allowed_ips[..])));
     }
 
+    /// `agentctl down`: no control session, no TUN device, no peers, no relay
+    /// connections. The socket and the netcheck task stay, ready for `agentctl up`.
+    fn go_down(&mut self) {
+        self.session = None;
+        self.tun_out = None;
+        self.tun = None;
+        self.peers.clear();
+        self.by_index.clear();
+        self.by_disco.clear();
+        self.routes = RouteTable::default();
+        self.relays.close_all();
+        self.reported_home = 0;
+        self.netmap = None;
+        self.endpoints.clear();
+        self.control_state = SessionState::Connecting;
+        self.gso = None;
+    }
+
     async fn on_report(&mut self, report: &Report, ext: &Option<std::net::SocketAddrV4>) {
+        if self.session.is_none() {
+            // Down: measure, but connect to nothing.
+            return;
+        }
         if report.preferred_relay != 0 && self.relays.home() != Some(report.preferred_relay) {
             tracing::info!(region = report.preferred_relay, "home relay region");
             self.relays.set_home(report.preferred_relay);
@@ -682,8 +731,9 @@ impl Engine {
                 let _ = tx.send(self.status(now));
             }
             Query::Ping(target, tx) => self.api_ping(&target, tx, now),
-            // Handled in the run loop (it owns the netcheck task's handle).
-            Query::Netcheck(_) => {}
+            // Handled in the run loop (it owns the netcheck task and the session's
+            // receivers).
+            Query::Netcheck(_) | Query::Up(_) | Query::Down(_) => {}
             Query::Whois(ip, tx) => {
                 let p = self
                     .routes
@@ -745,6 +795,7 @@ impl Engine {
         let me = self.netmap.as_ref().and_then(|nm| nm.self_node.as_ref());
         let home = self.relays.home();
         let (state, auth_url) = match &self.control_state {
+            _ if self.session.is_none() => ("Stopped", None),
             SessionState::NeedsLogin { url } => ("NeedsLogin", Some(url.clone())),
             _ if self.netmap.is_some() => ("Running", None),
             _ => ("Starting", None),
@@ -790,7 +841,9 @@ impl Engine {
         };
         if self.reported_home != home && self.relays.connected(home) {
             self.reported_home = home;
-            self.session.set_home_region(home).await;
+            if let Some(s) = &self.session {
+                s.set_home_region(home).await;
+            }
         }
     }
 
@@ -818,9 +871,10 @@ impl Engine {
         if dedup != self.endpoints {
             tracing::info!(endpoints = ?dedup, "endpoints changed");
             self.endpoints = dedup.clone();
-            self.session
-                .set_endpoints(dedup.iter().map(|e| e.to_string()).collect())
-                .await;
+            if let Some(s) = &self.session {
+                s.set_endpoints(dedup.iter().map(|e| e.to_string()).collect())
+                    .await;
+            }
         }
     }
 
@@ -1145,6 +1199,14 @@ impl Engine {
                 self.send_to_peer(k, b, now).await;
             }
         }
+    }
+}
+
+/// Waits for a change on `rx`; never resolves while there is no receiver (down).
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

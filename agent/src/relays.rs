@@ -245,6 +245,12 @@ impl Relays {
         }
     }
 
+    /// Closes every connection and forgets the home region (`agentctl down`).
+    pub fn close_all(&mut self) {
+        self.conns.clear();
+        self.home = None;
+    }
+
     /// Regions with an open connection.
     pub fn open_regions(&self) -> Vec<i32> {
         self.conns.keys().copied().collect()

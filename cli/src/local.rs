@@ -28,8 +28,17 @@ impl Conn {
 
     /// `GET path`, decoded as `T`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call("GET", path).await
+    }
+
+    /// `POST path`, decoded as `T`.
+    pub async fn post<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call("POST", path).await
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: &str, path: &str) -> anyhow::Result<T> {
         let sock = self.path();
-        let body = tokio::time::timeout(TIMEOUT, request(&sock, path))
+        let body = tokio::time::timeout(TIMEOUT, request(&sock, method, path))
             .await
             .map_err(|_| {
                 anyhow!(
@@ -42,7 +51,7 @@ impl Conn {
 }
 
 #[cfg(unix)]
-async fn request(sock: &Path, path: &str) -> anyhow::Result<Vec<u8>> {
+async fn request(sock: &Path, method: &str, path: &str) -> anyhow::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = match tokio::net::UnixStream::connect(sock).await {
         Ok(s) => s,
@@ -60,7 +69,9 @@ async fn request(sock: &Path, path: &str) -> anyhow::Result<Vec<u8>> {
             })
         }
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await?;
     let mut resp = Vec::new();
     s.take(16 << 20).read_to_end(&mut resp).await?;
@@ -84,7 +95,7 @@ async fn request(sock: &Path, path: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 #[cfg(not(unix))]
-async fn request(sock: &Path, _path: &str) -> anyhow::Result<Vec<u8>> {
+async fn request(sock: &Path, _method: &str, _path: &str) -> anyhow::Result<Vec<u8>> {
     bail!(
         "talking to agentd at {} needs a Unix socket on this platform",
         sock.display()
@@ -472,4 +483,27 @@ pub async fn ping(conn: &Conn, a: PingArgs) -> anyhow::Result<()> {
         "direct connection not established (after {} pings)",
         a.count.max(1)
     )
+}
+
+/// `agentctl up` / `agentctl down`.
+#[derive(Debug, clap::Args)]
+pub struct UpDownArgs {
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn up_down(conn: &Conn, up: bool, a: UpDownArgs) -> anyhow::Result<()> {
+    let path = if up { "/v1/up" } else { "/v1/down" };
+    let v: serde_json::Value = conn.post(path).await?;
+    if a.json {
+        return print_json(&v);
+    }
+    if up {
+        println!("agentd is connecting (see `agentctl status`)");
+    } else {
+        println!("agentd is down: disconnected from control, tunnel removed (`agentctl up` to reconnect)");
+    }
+    Ok(())
 }

@@ -27,6 +27,11 @@ enum Command {
     /// Disco pings to a peer, like `tailscale ping`: shows whether pongs come through a
     /// relay or directly; stops at the first direct pong.
     Ping(local::PingArgs),
+    /// Ask the running agentd to connect again after `down`.
+    Up(local::UpDownArgs),
+    /// Ask the running agentd to disconnect: leave control, remove the tunnel (the daemon
+    /// keeps running; `up` undoes it).
+    Down(local::UpDownArgs),
     /// This device's tunnel addresses.
     Ip(local::IpArgs),
     /// Which peer owns a tunnel address.
@@ -57,6 +62,8 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Status(a) => local::status(&cli.conn, a).await,
             Command::Ping(a) => local::ping(&cli.conn, a).await,
+            Command::Up(a) => local::up_down(&cli.conn, true, a).await,
+            Command::Down(a) => local::up_down(&cli.conn, false, a).await,
             Command::Ip(a) => local::ip(&cli.conn, a).await,
             Command::Whois(a) => local::whois(&cli.conn, a).await,
             Command::Version(a) => local::version(&cli.conn, a).await,

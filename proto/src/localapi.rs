@@ -8,6 +8,8 @@
 //! | GET | `/v1/ping?peer=bob&timeout_ms=2000` | [`PingResult`] (504 when no pong came) |
 //! | GET | `/v1/netcheck` | [`NetcheckResult`] (a fresh report) |
 //! | GET | `/v1/version` | [`Version`] |
+//! | POST | `/v1/down` | `{"state":"down"}`: disconnected from control, tunnel removed; the daemon keeps running |
+//! | POST | `/v1/up` | `{"state":"up"}`: connected again |
 //!
 //! Errors are `{"error": "…"}` with a 4xx/5xx status.
 

@@ -228,3 +228,51 @@ fn ping_reports_relay_pongs_then_a_direct_one() {
         "{err}"
     );
 }
+
+#[test]
+fn down_disconnects_and_up_reconnects() {
+    let lab = lab_or_skip!();
+    let near = scenario::start_region(&lab, 901, 10).unwrap();
+    let map = scenario::write_relay_map(&lab, &[&near], &[]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
+    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
+    let t0 = Instant::now();
+    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+
+    let (ok, out, err) = a.agentctl(&lab, &["down"]).unwrap();
+    assert!(ok, "{out}{err}");
+    let s = a.status(&lab).unwrap();
+    assert_eq!(s["state"], "Stopped", "{s:#}");
+    assert!(s["peers"].as_array().unwrap().is_empty(), "{s:#}");
+    // The tunnel device is gone, and bob hears from control that alice went offline.
+    assert!(!lab
+        .exec(&ha, "ip", ["link", "show", "agentd0"])
+        .unwrap()
+        .status
+        .success());
+    wait_peer(&lab, &b, "alice", Duration::from_secs(5), |p| {
+        p["online"] == false
+    });
+    assert!(ping_once(&lab, &hb, a.ip, Duration::from_secs(1)).is_none());
+
+    let (ok, out, err) = a.agentctl(&lab, &["up"]).unwrap();
+    assert!(ok, "{out}{err}");
+    let t0 = Instant::now();
+    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no traffic after up"
+        );
+    }
+    assert_eq!(a.status(&lab).unwrap()["state"], "Running");
+    wait_peer(&lab, &b, "alice", Duration::from_secs(5), |p| {
+        p["online"] == true
+    });
+}
