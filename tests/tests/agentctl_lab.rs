@@ -79,6 +79,7 @@ fn status_shows_direct_and_relayed_peers_with_the_reason() {
     );
     assert!(pb["last_handshake_secs"].as_f64().is_some(), "{pb:#}");
     assert!(pb["tx_bytes"].as_u64().unwrap() > 0, "{pb:#}");
+    assert_eq!(pb["os"], "linux", "{pb:#}");
     let pc = wait_peer(&lab, &a, "carol", Duration::from_secs(5), |p| {
         p["path"] == "relay"
             && p["reason"]

@@ -114,6 +114,7 @@ pub fn to_node(n: &NodeRecord, online: bool, now: i64, domain: &str) -> Node {
         },
         hostinfo: Some(Hostinfo {
             hostname: n.hostname.clone(),
+            os: n.os.clone(),
             ..Default::default()
         }),
         cap: 0,
@@ -234,6 +235,7 @@ mod tests {
             ephemeral: false,
             created: 0,
             last_seen: None,
+            os: "linux".into(),
         }
     }
 

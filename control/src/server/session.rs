@@ -197,6 +197,15 @@ async fn register(
         })
         .take(63)
         .collect();
+    let os: String = req
+        .hostinfo
+        .as_ref()
+        .map(|h| h.os.as_str())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(32)
+        .collect();
     let auth_key = req
         .auth
         .as_ref()
@@ -207,6 +216,7 @@ async fn register(
         node_key: req.node_key,
         old_node_key: req.old_node_key,
         hostname: &hostname,
+        os: &os,
         auth_key,
         now,
     };

@@ -82,6 +82,8 @@ pub struct NodeRecord {
     pub ephemeral: bool,
     pub created: i64,
     pub last_seen: Option<i64>,
+    /// The OS the node reported at registration.
+    pub os: String,
 }
 
 impl NodeRecord {
@@ -98,6 +100,8 @@ pub struct Registration<'a> {
     /// The previous node key when rotating (zero otherwise).
     pub old_node_key: NodePublic,
     pub hostname: &'a str,
+    /// The OS the node reports (`linux`, `macOS`, …); may be empty.
+    pub os: &'a str,
     /// `None`: re-registration of a known machine without a key.
     pub auth_key: Option<&'a str>,
     pub now: i64,
@@ -149,7 +153,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema
     "CREATE TABLE users (
@@ -183,6 +187,8 @@ const MIGRATIONS: &[&str] = &[
         created INTEGER NOT NULL,
         last_seen INTEGER
      );",
+    // 2: the OS each node reports (shown to its peers)
+    "ALTER TABLE nodes ADD COLUMN os TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Offsets into 100.64.0.0/10 (and the same offset in fd7a:115c:a1e0::/48).
@@ -238,11 +244,12 @@ fn node_from_row(row: &Row<'_>) -> rusqlite::Result<NodeRecord> {
         ephemeral: row.get(10)?,
         created: row.get(11)?,
         last_seen: row.get(12)?,
+        os: row.get(13)?,
     })
 }
 
 const NODE_COLUMNS: &str = "id, user_id, machine_key, node_key, disco_key, hostname, ip_offset, \
-     endpoints, home_derp, expiry, ephemeral, created, last_seen";
+     endpoints, home_derp, expiry, ephemeral, created, last_seen, os";
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<PreAuthKeyRecord> {
     Ok(PreAuthKeyRecord {
@@ -479,8 +486,16 @@ impl Store for SqliteStore {
                 };
                 tx.execute(
                     "UPDATE nodes SET node_key = ?2, hostname = ?3, user_id = ?4, expiry = ?5,
-                     ephemeral = ?6 WHERE id = ?1",
-                    params![n.id, node_key, reg.hostname, user_id, expiry, ephemeral],
+                     ephemeral = ?6, os = ?7 WHERE id = ?1",
+                    params![
+                        n.id,
+                        node_key,
+                        reg.hostname,
+                        user_id,
+                        expiry,
+                        ephemeral,
+                        reg.os
+                    ],
                 )?;
                 n.id
             }
@@ -495,7 +510,7 @@ impl Store for SqliteStore {
                     .ok_or(StoreError::AddressesExhausted)?;
                 tx.execute(
                     "INSERT INTO nodes (user_id, machine_key, node_key, hostname, ip_offset,
-                     ephemeral, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                     ephemeral, created, os) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         user_id,
                         machine,
@@ -503,7 +518,8 @@ impl Store for SqliteStore {
                         reg.hostname,
                         offset,
                         ephemeral,
-                        reg.now
+                        reg.now,
+                        reg.os
                     ],
                 )?;
                 tx.last_insert_rowid()
@@ -615,6 +631,7 @@ mod tests {
             node_key: *n,
             old_node_key: NodePublic::default(),
             hostname: "host",
+            os: "linux",
             auth_key: key,
             now,
         }
