@@ -11,7 +11,8 @@ mod netcheck;
 #[command(
     name = "agentctl",
     version,
-    about = "Control and inspect agentd, the mesh VPN daemon."
+    about = "Control and inspect agentd, the mesh VPN daemon.",
+    after_help = "Examples:\n  agentctl status                 this device and its peers (direct or relayed, and why)\n  agentctl ping bob               relay pongs until the first direct one\n  agentctl netcheck               what the network allows (NAT type, relay latency)\n  agentctl down && agentctl up    leave the network and come back\n  agentctl status --json          status, ping, ip, whois, version, up, down, netcheck: --json\n\nExit status: 0 on success, 1 on any failure (with a one-line reason on stderr)."
 )]
 struct Cli {
     #[command(flatten)]

@@ -131,6 +131,39 @@ fn status_shows_direct_and_relayed_peers_with_the_reason() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["agentd"], v["agentctl"], "{v:#}");
 
+    // A user who is neither root nor in the agentd group: one line saying what to do.
+    if tests::have_program("runuser") {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ctl = dir.path().join("agentctl");
+        std::fs::copy(tests::process::agentctl().unwrap(), &ctl).unwrap();
+        std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = a.socket.display().to_string();
+        let out = lab
+            .exec(
+                &ha,
+                "runuser",
+                [
+                    "-u",
+                    "nobody",
+                    "--",
+                    ctl.to_str().unwrap(),
+                    "--socket",
+                    &sock,
+                    "status",
+                ],
+            )
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("permission denied") && err.contains("agentd` group"),
+            "{err}"
+        );
+    }
+
     // netcheck through the daemon: a fresh report from agentd's own socket.
     let (ok, out, err) = a.agentctl(&lab, &["netcheck"]).unwrap();
     assert!(ok, "{err}");
