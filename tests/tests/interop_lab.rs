@@ -229,3 +229,112 @@ fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
         .unwrap_or_else(|| panic!("{s:#}"));
     assert_eq!(peer["path"], "direct", "{peer:#}");
 }
+
+/// Headscale (pinned, built by `.ci/run`) on its own server in the lab, with our relayd's
+/// region as its relay map, a user and a reusable pre-auth key. Returned as a [`Control`]
+/// so agentd and tailscaled join it the same way they join controld.
+fn start_headscale(lab: &Lab, region: &scenario::Region) -> Option<Control> {
+    let bin = tailscale_bin("headscale")?;
+    let host = lab.add_server("headscale").unwrap();
+    let dir = lab.log_dir().join("headscale");
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("derp.yaml"),
+        format!(
+            "regions:\n  {id}:\n    regionid: {id}\n    regioncode: r{id}\n    regionname: Region {id}\n    nodes:\n      - name: {id}a\n        regionid: {id}\n        hostname: relay{id}\n        ipv4: {ip}\n        ipv6: none\n        insecurefortests: true\n",
+            id = region.id,
+            ip = region.host.ip
+        ),
+    )
+    .unwrap();
+    let ip = host.ip;
+    let config = format!(
+        "server_url: http://{ip}:8080\nlisten_addr: {ip}:8080\n\
+         metrics_listen_addr: {ip}:9090\ngrpc_listen_addr: {ip}:50443\n\
+         noise:\n  private_key_path: {d}/noise_private.key\n\
+         prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n\
+         derp:\n  server:\n    enabled: false\n  urls: []\n  paths:\n    - {d}/derp.yaml\n  auto_update_enabled: false\n\
+         disable_check_updates: true\n\
+         database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n\
+         dns:\n  magic_dns: false\n  base_domain: example.com\n  override_local_dns: false\n  nameservers:\n    global: []\n\
+         unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\n"
+    );
+    let cfg = dir.join("config.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let cfg = cfg.display().to_string();
+    let server = lab.spawn(&host, &bin, ["serve", "-c", &cfg]).unwrap();
+    let cli = |args: &[&str]| -> Option<serde_json::Value> {
+        let mut all = vec!["-c", cfg.as_str(), "-o", "json"];
+        all.extend_from_slice(args);
+        let out = lab.exec(&host, &bin, all).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    // The CLI works once the server listens on its socket.
+    let t0 = Instant::now();
+    let user = loop {
+        if let Some(u) = cli(&["users", "create", "lab"]) {
+            break u;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "headscale did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let user_id = user["id"].as_u64().unwrap().to_string();
+    let key = cli(&["preauthkeys", "create", "--user", &user_id, "--reusable"]).unwrap();
+    Some(Control {
+        host,
+        url: format!("http://{ip}:8080"),
+        db: dir.join("db.sqlite"),
+        auth_key: key["key"].as_str().unwrap().to_string(),
+        server,
+    })
+}
+
+#[test]
+fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
+    let lab = lab_or_skip!();
+    if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
+        return;
+    }
+    let region = scenario::start_region(&lab, 901, 10).unwrap();
+    let Some(hs) = start_headscale(&lab, &region) else {
+        return;
+    };
+    // Hard NATs on both sides: the traffic has to go through the relay.
+    let ra = lab.add_router("ra", RouterSpec::hard()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("tb", &rb).unwrap();
+    let a = scenario::start_agentd(&lab, &ha, "alice", &hs).unwrap();
+    let b = Tailscaled::start(&lab, &hb, "tb", &hs);
+
+    let t0 = Instant::now();
+    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "agentd on Headscale cannot ping tailscaled"
+        );
+    }
+    for _ in 0..3 {
+        assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
+    }
+    let s = a.status(&lab).unwrap();
+    let peer = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tb")))
+        .cloned()
+        .unwrap_or_else(|| panic!("{s:#}"));
+    assert_eq!(peer["path"], "relay", "{peer:#}");
+    assert_eq!(peer["relay_region"], 901, "{peer:#}");
+    // And tailscaled lists agentd.
+    let (ok, status) = b.run(&lab, &["status"]);
+    assert!(ok && status.contains("alice"), "{status}");
+}
