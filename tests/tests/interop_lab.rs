@@ -5,7 +5,10 @@
 //! - two tailscaled log in to our controld with a pre-auth key, relay through our relayd,
 //!   and `tailscale ping` reaches the other first through the relay, then directly;
 //! - agentd and tailscaled on our controld: ping through the tunnel both ways, disco from
-//!   tailscaled to agentd ends on a direct path.
+//!   tailscaled to agentd ends on a direct path;
+//! - agentd registered with Headscale reaches a tailscaled peer through our relayd;
+//! - Tailscale's derper answers our STUN request (our DERP client against derper is in
+//!   `relay/tests/interop_tailscale.rs`).
 //!
 //! The binaries are looked up in `$AGENTD_TAILSCALE_BIN`, else
 //! `~/.cache/agentd-interop/bin`. Without them (or without root) the tests skip on a
@@ -337,4 +340,56 @@ fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
     // And tailscaled lists agentd.
     let (ok, status) = b.run(&lab, &["status"]);
     assert!(ok && status.contains("alice"), "{status}");
+}
+
+#[test]
+fn tailscale_derper_answers_our_stun_request_with_the_nat_address() {
+    let lab = lab_or_skip!();
+    let Some(derper) = tailscale_bin("derper") else {
+        return;
+    };
+    let server = lab.add_server("derper").unwrap();
+    let dir = lab.log_dir().join("derper");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _derper = lab
+        .spawn(
+            &server,
+            derper,
+            [
+                "-a".to_string(),
+                format!("{}:3340", server.ip),
+                "--http-port=-1".into(),
+                "--stun=true".into(),
+                "--stun-port=3478".into(),
+                "-c".into(),
+                dir.join("derper.key").display().to_string(),
+                "--mesh-psk-file=".into(),
+            ],
+        )
+        .unwrap();
+    // Our STUN request (Tailscale's form: derper answers no other) from a host behind a
+    // NAT: derper reports the router's address, and our parser reads its answer.
+    let router = lab.add_router("r", RouterSpec::easy()).unwrap();
+    let host = lab.add_lan_host("h", &router).unwrap();
+    let sock = lab.udp_bind(&host, (host.ip, 40000)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let to = std::net::SocketAddr::from((server.ip, 3478));
+    let t0 = Instant::now();
+    let seen = loop {
+        let tx = netcheck::stun::new_tx_id();
+        sock.send_to(&netcheck::stun::request(tx), to).unwrap();
+        let mut buf = [0u8; 1500];
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            assert_eq!(from, to);
+            let (got_tx, addr) = netcheck::stun::parse_response(&buf[..n]).unwrap();
+            assert_eq!(got_tx, tx);
+            break addr;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no STUN answer from derper"
+        );
+    };
+    assert_eq!(seen, std::net::SocketAddr::from((router.wan_ip, 40000)));
 }
