@@ -24,33 +24,52 @@ pub struct Region {
     pub relayd: ChildGuard,
 }
 
-/// Starts relayd on `host`, with a fresh self-signed certificate.
-pub fn start_relayd(lab: &Lab, host: &Host, name: &str) -> Result<ChildGuard> {
-    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()])
+/// A self-signed certificate for `names` (host names or IP addresses) written to the
+/// lab's folder as `<file>.crt` and `<file>.key`; returns both paths.
+pub fn write_cert(lab: &Lab, file: &str, names: &[String]) -> Result<(PathBuf, PathBuf)> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec())
         .map_err(|e| LabError::Invalid(format!("certificate: {e}")))?;
-    let dir = lab.log_dir().to_path_buf();
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
+    let dir = lab.log_dir();
+    let cert = dir.join(format!("{file}.crt"));
+    let key = dir.join(format!("{file}.key"));
     write(&cert, ck.cert.pem())?;
     write(&key, ck.key_pair.serialize_pem())?;
-    let mut relayd = lab.spawn(
-        host,
-        process::relayd()?,
-        [
-            "--listen".to_string(),
-            format!("{}:443", host.ip),
-            "--stun-listen".to_string(),
-            format!("{}:3478", host.ip),
-            "--tls-cert".to_string(),
-            cert.display().to_string(),
-            "--tls-key".to_string(),
-            key.display().to_string(),
-            "--hostname".to_string(),
-            name.to_string(),
-            "--key-file".to_string(),
-            dir.join(format!("{name}.relaykey")).display().to_string(),
-        ],
-    )?;
+    Ok((cert, key))
+}
+
+/// Starts relayd on `host`, with a fresh self-signed certificate.
+pub fn start_relayd(lab: &Lab, host: &Host, name: &str) -> Result<ChildGuard> {
+    let (cert, key) = write_cert(lab, name, &[name.to_string()])?;
+    start_relayd_with(lab, host, name, &cert, &key, &[])
+}
+
+/// Starts relayd on `host` (HTTPS on 443, STUN on 3478) with the given certificate and
+/// extra flags (mesh settings, say).
+pub fn start_relayd_with(
+    lab: &Lab,
+    host: &Host,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    extra: &[String],
+) -> Result<ChildGuard> {
+    let dir = lab.log_dir().to_path_buf();
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("{}:443", host.ip),
+        "--stun-listen".to_string(),
+        format!("{}:3478", host.ip),
+        "--tls-cert".to_string(),
+        cert.display().to_string(),
+        "--tls-key".to_string(),
+        key.display().to_string(),
+        "--hostname".to_string(),
+        name.to_string(),
+        "--key-file".to_string(),
+        dir.join(format!("{name}.relaykey")).display().to_string(),
+    ];
+    args.extend(extra.iter().cloned());
+    let mut relayd = lab.spawn(host, process::relayd()?, args)?;
     relayd.wait_for_output("STUN listening", Duration::from_secs(20))?;
     Ok(relayd)
 }

@@ -393,3 +393,109 @@ fn tailscale_derper_answers_our_stun_request_with_the_nat_address() {
     };
     assert_eq!(seen, std::net::SocketAddr::from((router.wan_ip, 40000)));
 }
+
+#[test]
+fn tailscale_derpprobe_passes_every_probe_against_two_meshed_relayd() {
+    let lab = lab_or_skip!(requires: ["unshare", "mount"]);
+    let Some(derpprobe) = tailscale_bin("derpprobe") else {
+        return;
+    };
+    // Two relayd nodes of one region on TLS (one certificate naming both), meshed with a
+    // shared key.
+    let ha = lab.add_server("relay901a").unwrap();
+    let hb = lab.add_server("relay901b").unwrap();
+    let names = ["relay901a".to_string(), "relay901b".to_string()];
+    let (cert, key) = scenario::write_cert(&lab, "region901", &names).unwrap();
+    let psk = lab.log_dir().join("mesh.key");
+    std::fs::write(&psk, "ab".repeat(32)).unwrap();
+    let mesh = |other: &str, ip: Ipv4Addr| -> Vec<String> {
+        vec![
+            "--mesh-with".into(),
+            format!("{other}/{ip}"),
+            "--mesh-psk-file".into(),
+            psk.display().to_string(),
+            "--mesh-ca-cert".into(),
+            cert.display().to_string(),
+        ]
+    };
+    let mut ra = scenario::start_relayd_with(
+        &lab,
+        &ha,
+        "relay901a",
+        &cert,
+        &key,
+        &mesh("relay901b", hb.ip),
+    )
+    .unwrap();
+    let mut rb = scenario::start_relayd_with(
+        &lab,
+        &hb,
+        "relay901b",
+        &cert,
+        &key,
+        &mesh("relay901a", ha.ip),
+    )
+    .unwrap();
+    for r in [&mut ra, &mut rb] {
+        r.wait_for_output("mesh link up", Duration::from_secs(15))
+            .unwrap();
+    }
+
+    let node = |n: &str, host: &str, h: &Host| {
+        serde_json::json!({
+            "Name": n, "RegionID": 901, "HostName": host, "IPv4": h.ip.to_string(),
+        })
+    };
+    let map = serde_json::json!({ "Regions": { "901": {
+        "RegionID": 901, "RegionCode": "r901", "RegionName": "Region 901",
+        "Nodes": [node("901a", "relay901a", &ha), node("901b", "relay901b", &hb)],
+    }}});
+    let map_path = lab.log_dir().join("probe-map.json");
+    std::fs::write(&map_path, map.to_string()).unwrap();
+
+    // derpprobe on a host of the internet. It needs the relays' names: a hosts file bound
+    // over /etc/hosts in a private mount namespace (nothing outside it changes), and our
+    // certificate trusted through SSL_CERT_FILE.
+    let hosts = lab.log_dir().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1 localhost\n{} relay901a\n{} relay901b\n",
+            ha.ip, hb.ip
+        ),
+    )
+    .unwrap();
+    let prober = lab.add_public_host("prober").unwrap();
+    let script = format!(
+        "mount --bind '{}' /etc/hosts && exec '{}' --derp-map 'file://{}' --once --spread=false",
+        hosts.display(),
+        derpprobe.display(),
+        map_path.display()
+    );
+    let mut cmd = lab.command(&prober, "unshare");
+    cmd.env("SSL_CERT_FILE", &cert)
+        .args(["--mount", "sh", "-c", &script])
+        .current_dir(lab.log_dir())
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("derpprobe:\n{log}");
+    for probe in [
+        "derp/r901/901a/tls",
+        "derp/r901/901b/tls",
+        "derp/r901/901a/udp",
+        "derp/r901/901b/udp",
+        "derp/r901/901a/901a/mesh",
+        "derp/r901/901a/901b/mesh",
+        "derp/r901/901b/901a/mesh",
+        "derp/r901/901b/901b/mesh",
+    ] {
+        assert!(
+            log.contains(&format!("good: {probe}:")),
+            "{probe} did not pass:\n{log}"
+        );
+    }
+    let bad: Vec<&str> = log.lines().filter(|l| l.contains("bad: ")).collect();
+    assert!(bad.is_empty(), "probes failed:\n{log}");
+}
