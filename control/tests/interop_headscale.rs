@@ -21,6 +21,11 @@ fn headscale_bin() -> Option<PathBuf> {
     if p.is_file() {
         return Some(p);
     }
+    // .ci/run sets this where Go is missing: the suite is skipped, and says so.
+    if std::env::var("AGENTD_INTEROP").as_deref() == Ok("skip") {
+        eprintln!("SKIPPED: the interop suite is off (AGENTD_INTEROP=skip: no Go toolchain)");
+        return None;
+    }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
         "headscale not found in {}: .ci/run builds it (github.com/juanfont/headscale v0.29.0)",

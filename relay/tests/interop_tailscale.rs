@@ -27,6 +27,11 @@ fn tailscale_bin(name: &str) -> Option<PathBuf> {
     if p.is_file() {
         return Some(p);
     }
+    // .ci/run sets this where Go is missing: the suite is skipped, and says so.
+    if std::env::var("AGENTD_INTEROP").as_deref() == Ok("skip") {
+        eprintln!("SKIPPED: the interop suite is off (AGENTD_INTEROP=skip: no Go toolchain)");
+        return None;
+    }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
         "{name} not found in {}: .ci/run installs it with `go install tailscale.com/cmd/{name}@v1.102.3`",
