@@ -29,7 +29,7 @@ use crate::peer::{Peer, PeerEvent};
 use crate::relays::Relays;
 use crate::routes::{self, RouteTable};
 use crate::sock::{self, Kind, RecvBuffers, UdpIo};
-use crate::tundev::{with_headroom, RecvBatch, SendBatch, TunDevice, BATCH, HEADROOM};
+use crate::tundev::{RecvBatch, SendBatch, TunDevice, BATCH};
 use crate::wg::{self, WgAction, WgRoute};
 
 /// Capability version we advertise (Headscale needs ≥ 113).
@@ -1064,7 +1064,7 @@ impl Engine {
                 p.on_udp_received(a, now);
             }
             match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
-                WgAction::Deliver(b) => deliver.push(with_headroom(b)),
+                WgAction::Deliver(b) => deliver.push(b.to_vec()),
                 WgAction::Send(b) => {
                     send.push(Bytes::copy_from_slice(b));
                     while let WgAction::Send(b) = p.wg.flush(&mut self.buf) {
@@ -1081,8 +1081,7 @@ impl Engine {
         if let Some(out) = &self.tun_out {
             for d in deliver {
                 // Only packets from the addresses this peer owns reach the OS.
-                let ok = routes::source(&d[HEADROOM..])
-                    .is_some_and(|s| self.routes.lookup(s) == Some(key));
+                let ok = routes::source(&d).is_some_and(|s| self.routes.lookup(s) == Some(key));
                 if !ok {
                     *self
                         .counters
@@ -1243,7 +1242,7 @@ fn spawn_tun_writer(tun: Arc<TunDevice>, mut rx: mpsc::Receiver<Vec<u8>>) -> Abo
         let mut state = SendBatch::default();
         let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut batch, BATCH).await > 0 {
-            if let Err(e) = tun.send_batch(&mut state, &mut batch).await {
+            if let Err(e) = tun.send_batch(&mut state, &batch).await {
                 tracing::debug!(error = %e, "TUN write failed");
             }
             batch.clear();

@@ -18,9 +18,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 /// IPv6 + UDP + WireGuard overhead fits a 1360-byte path.
 pub const MTU: u16 = 1280;
 
-/// Bytes every packet given to [`TunDevice::send_batch`] must have free in front of it
-/// (room for the virtio-net header).
-pub const HEADROOM: usize = 16;
+/// Bytes kept free in front of each packet written (room for the virtio-net header).
+const HEADROOM: usize = 16;
+/// Room of each write buffer: GRO coalesces a run of TCP segments into the buffer of the
+/// first one, up to 64 KiB, and only where that buffer already has the capacity.
+const WRITE_BUFFER: usize = 65_535 + 2 * HEADROOM;
 
 /// Most packets one read or write handles.
 pub const BATCH: usize = 128;
@@ -85,19 +87,14 @@ impl RecvBatch {
     }
 }
 
-/// State kept between [`TunDevice::send_batch`] calls (the coalescing tables).
+/// State kept between [`TunDevice::send_batch`] calls: the coalescing tables and the
+/// write buffers (allocated on first use, then reused; a buffer's pages become resident
+/// only as far as coalescing fills them).
 #[derive(Default)]
 pub struct SendBatch {
     #[cfg(target_os = "linux")]
     gro: Option<tun_rs::GROTable>,
-}
-
-/// A packet with [`HEADROOM`] free bytes in front, ready for [`TunDevice::send_batch`].
-pub fn with_headroom(packet: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADROOM + packet.len());
-    v.resize(HEADROOM, 0);
-    v.extend_from_slice(packet);
-    v
+    bufs: Vec<Vec<u8>>,
 }
 
 impl TunDevice {
@@ -161,18 +158,30 @@ impl TunDevice {
         Ok(1)
     }
 
-    /// Writes a batch of packets, each with [`HEADROOM`] free bytes in front.
-    pub async fn send_batch(&self, s: &mut SendBatch, packets: &mut [Vec<u8>]) -> io::Result<()> {
+    /// Writes a batch of IP packets (with offloads: coalesced into as few writes as
+    /// GRO allows).
+    pub async fn send_batch(&self, s: &mut SendBatch, packets: &[Vec<u8>]) -> io::Result<()> {
         #[cfg(target_os = "linux")]
         if self.offload {
+            let n = packets.len();
+            while s.bufs.len() < n {
+                s.bufs.push(Vec::with_capacity(WRITE_BUFFER));
+            }
+            for (b, p) in s.bufs.iter_mut().zip(packets) {
+                b.clear();
+                b.resize(HEADROOM, 0);
+                b.extend_from_slice(p);
+            }
             let gro = s.gro.get_or_insert_with(tun_rs::GROTable::new);
-            self.dev.send_multiple(gro, packets, HEADROOM).await?;
+            self.dev
+                .send_multiple(gro, &mut s.bufs[..n], HEADROOM)
+                .await?;
             return Ok(());
         }
-        let _ = s;
+        let _ = (s, WRITE_BUFFER, HEADROOM);
         let mut first_err = None;
-        for p in packets.iter() {
-            if let Err(e) = self.dev.send(&p[HEADROOM..]).await {
+        for p in packets {
+            if let Err(e) = self.dev.send(p).await {
                 first_err.get_or_insert(e);
             }
         }

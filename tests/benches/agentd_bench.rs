@@ -280,7 +280,22 @@ fn main() {
                 ),
                 _ => None,
             };
+            // AGENTD_BENCH_HOOK=CMD: run CMD (with $PID set to the profiled agentd) during
+            // the agentd TCP run, e.g. to read /proc/$PID/io.
+            let hook = match std::env::var("AGENTD_BENCH_HOOK") {
+                Ok(cmd) if i == 1 => Some(
+                    std::process::Command::new("sh")
+                        .args(["-c", &cmd])
+                        .env("PID", perf_pid.to_string())
+                        .spawn()
+                        .unwrap(),
+                ),
+                _ => None,
+            };
             let g = tcp_gbps(&lab, &ha, *ip);
+            if let Some(mut h) = hook {
+                let _ = h.wait();
+            }
             if let Some(mut p) = perf {
                 let _ = p.wait();
             }
