@@ -177,6 +177,42 @@ fn boringtun(lab: &Lab, a: &Host, b: &Host, threads: Option<u32>, net: u8) -> Bo
     Boringtun { _procs: procs }
 }
 
+/// What runs beside one agentd run (the TCP one, or with `AGENTD_BENCH_PHASE=udp` the
+/// small-packet one), on the profiled agentd `pid`:
+/// - `AGENTD_BENCH_PERF=FILE`: `perf record` of it for 4 s (`AGENTD_BENCH_PERF_ALL=1`: of
+///   the whole machine);
+/// - `AGENTD_BENCH_HOOK=CMD`: `sh -c CMD` with `$PID` set, e.g. to read /proc/$PID/io.
+fn start_probes(pid: u32) -> Vec<std::process::Child> {
+    let mut out = Vec::new();
+    if let Ok(f) = std::env::var("AGENTD_BENCH_PERF") {
+        let target = if std::env::var_os("AGENTD_BENCH_PERF_ALL").is_some() {
+            vec!["-a".to_string()]
+        } else {
+            vec!["-p".to_string(), pid.to_string()]
+        };
+        out.push(
+            std::process::Command::new("perf")
+                .args(["record", "-g", "-o", &f])
+                .args(target)
+                .args(["--", "sleep", "4"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    if let Ok(cmd) = std::env::var("AGENTD_BENCH_HOOK") {
+        out.push(
+            std::process::Command::new("sh")
+                .args(["-c", &cmd])
+                .env("PID", pid.to_string())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    out
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo bench --list
@@ -255,55 +291,36 @@ fn main() {
                 }
                 max
             });
-            // AGENTD_BENCH_PERF=FILE: record a profile of alice's agentd (the sender; with
-            // AGENTD_BENCH_PERF_BOB=1 bob's, the receiver) during its run.
+            // Probes (see `start_probes`) watch alice's agentd, the sender, or with
+            // AGENTD_BENCH_PERF_BOB=1 bob's, the receiver.
             let perf_pid = if std::env::var_os("AGENTD_BENCH_PERF_BOB").is_some() {
                 b.agentd.pid()
             } else {
                 pid
             };
-            let perf = match std::env::var("AGENTD_BENCH_PERF") {
-                Ok(f) if i == 1 => Some(
-                    std::process::Command::new("perf")
-                        .args(["record", "-g", "-o", &f])
-                        // AGENTD_BENCH_PERF_ALL=1: the whole machine (who uses the CPU).
-                        .args(if std::env::var_os("AGENTD_BENCH_PERF_ALL").is_some() {
-                            vec!["-a".to_string()]
-                        } else {
-                            vec!["-p".to_string(), perf_pid.to_string()]
-                        })
-                        .args(["--", "sleep", "4"])
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
-                        .spawn()
-                        .unwrap(),
-                ),
-                _ => None,
-            };
-            // AGENTD_BENCH_HOOK=CMD: run CMD (with $PID set to the profiled agentd) during
-            // the agentd TCP run, e.g. to read /proc/$PID/io.
-            let hook = match std::env::var("AGENTD_BENCH_HOOK") {
-                Ok(cmd) if i == 1 => Some(
-                    std::process::Command::new("sh")
-                        .args(["-c", &cmd])
-                        .env("PID", perf_pid.to_string())
-                        .spawn()
-                        .unwrap(),
-                ),
-                _ => None,
+            let udp_phase = std::env::var("AGENTD_BENCH_PHASE").as_deref() == Ok("udp");
+            let probes = if i == 1 && !udp_phase {
+                start_probes(perf_pid)
+            } else {
+                Vec::new()
             };
             let g = tcp_gbps(&lab, &ha, *ip);
-            if let Some(mut h) = hook {
-                let _ = h.wait();
-            }
-            if let Some(mut p) = perf {
-                let _ = p.wait();
+            for mut c in probes {
+                let _ = c.wait();
             }
             let m = sampler.join().unwrap();
             if i == 1 {
                 load_rss = load_rss.max(m);
             }
+            let probes = if i == 1 && udp_phase {
+                start_probes(perf_pid)
+            } else {
+                Vec::new()
+            };
             let p = udp_pps(&lab, &ha, *ip);
+            for mut c in probes {
+                let _ = c.wait();
+            }
             let r = ping_ms(&lab, &ha, *ip);
             eprintln!("round {round}: {name}: {g:.2} Gb/s, {p:.0} pps, ping {r:.3} ms");
             tcp[i].push(g);
