@@ -160,6 +160,10 @@ struct Engine {
     me: NodePrivate,
     /// Our public key, computed once (deriving it is a scalar multiplication).
     me_pub: NodePublic,
+    /// Places incoming WireGuard datagrams (checks handshake MACs and rates first).
+    router: wg::Router,
+    /// When the handshake rate limit starts a new second.
+    rate_reset: Instant,
     disco: DiscoPrivate,
     disco_pub: DiscoPublic,
     sock: Arc<UdpSocket>,
@@ -181,6 +185,9 @@ struct Engine {
     endpoints: Vec<SocketAddr>,
     heard: HeardMap,
     reported_home: i32,
+    /// Updates for control not handed over yet (see `push_to_control`).
+    pending_endpoints: Option<Vec<String>>,
+    pending_home: Option<i32>,
     control_url: String,
     /// `agentctl ping`s waiting for their pong: sent at, reply, peer.
     api_waiters: BTreeMap<disco::TxId, ApiWaiter>,
@@ -205,6 +212,8 @@ impl Engine {
         let disco_pub = disco.public();
         Engine {
             me_pub: me.public(),
+            router: wg::Router::new(&me),
+            rate_reset: Instant::now() + Duration::from_secs(1),
             me,
             disco,
             disco_pub,
@@ -226,6 +235,8 @@ impl Engine {
             endpoints: Vec::new(),
             heard: Arc::default(),
             reported_home: 0,
+            pending_endpoints: None,
+            pending_home: None,
             control_url: String::new(),
             api_waiters: BTreeMap::new(),
             control_state: SessionState::Connecting,
@@ -492,6 +503,9 @@ impl Engine {
             self.flush_stalled(now).await;
             self.drive_peers(now).await;
             self.flush_udp().await;
+            if self.pending_endpoints.is_some() || self.pending_home.is_some() {
+                self.push_to_control();
+            }
             if tokio::time::Instant::now() >= next_netmon {
                 next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
                 let addrs = crate::interfaces::local_addresses();
@@ -597,6 +611,8 @@ impl Engine {
         self.routes = RouteTable::default();
         self.relays.close_all();
         self.reported_home = 0;
+        self.pending_endpoints = None;
+        self.pending_home = None;
         self.netmap = None;
         self.endpoints.clear();
         self.control_state = SessionState::Connecting;
@@ -832,6 +848,26 @@ impl Engine {
         }
     }
 
+    /// Hands the latest endpoints and home region to the control session without waiting:
+    /// while control is unreachable its queue fills, and the data path must not stall on
+    /// it. What could not be handed over is kept (only the latest value) and retried on
+    /// the next pass of the loop.
+    fn push_to_control(&mut self) {
+        let Some(s) = &self.session else {
+            return;
+        };
+        if let Some(e) = self.pending_endpoints.take() {
+            if !s.try_set_endpoints(e.clone()) {
+                self.pending_endpoints = Some(e);
+            }
+        }
+        if let Some(h) = self.pending_home.take() {
+            if !s.try_set_home_region(h) {
+                self.pending_home = Some(h);
+            }
+        }
+    }
+
     /// Tells control our home region once we are connected there: a peer that learns
     /// it then finds us on that relay (a packet sent to a relay before we are connected
     /// to it is dropped there).
@@ -841,9 +877,8 @@ impl Engine {
         };
         if self.reported_home != home && self.relays.connected(home) {
             self.reported_home = home;
-            if let Some(s) = &self.session {
-                s.set_home_region(home).await;
-            }
+            self.pending_home = Some(home);
+            self.push_to_control();
         }
     }
 
@@ -871,10 +906,8 @@ impl Engine {
         if dedup != self.endpoints {
             tracing::info!(endpoints = ?dedup, "endpoints changed");
             self.endpoints = dedup.clone();
-            if let Some(s) = &self.session {
-                s.set_endpoints(dedup.iter().map(|e| e.to_string()).collect())
-                    .await;
-            }
+            self.pending_endpoints = Some(dedup.iter().map(|e| e.to_string()).collect());
+            self.push_to_control();
         }
     }
 
@@ -1043,11 +1076,29 @@ impl Engine {
     ) {
         let key = match relay_src {
             Some(k) => Some(k),
-            None => match wg::route(&self.me, pkt) {
-                WgRoute::Initiation(k) => Some(k),
-                WgRoute::Index(i) => self.by_index.get(&i).copied(),
-                WgRoute::Unknown => None,
-            },
+            None => {
+                let mut reply = [0u8; 64];
+                match self.router.route(from.map(|a| a.ip()), pkt, &mut reply) {
+                    WgRoute::Initiation(k) => Some(k),
+                    WgRoute::Index(i) => self.by_index.get(&i).copied(),
+                    WgRoute::Cookie(c) => {
+                        if let Some(a) = from {
+                            let _ = self.sock.send_to(c, a).await;
+                        }
+                        *self
+                            .counters
+                            .wg_drop
+                            .entry("handshake flood: cookie sent")
+                            .or_default() += 1;
+                        return;
+                    }
+                    WgRoute::Drop(reason) => {
+                        *self.counters.wg_drop.entry(reason).or_default() += 1;
+                        return;
+                    }
+                    WgRoute::Unknown => None,
+                }
+            }
         };
         let Some(key) = key.filter(|k| self.peers.contains_key(k)) else {
             self.counters.wg_unknown_peer += 1;
@@ -1186,6 +1237,10 @@ impl Engine {
 
     async fn tick_wireguard(&mut self) {
         let now = Instant::now();
+        if now >= self.rate_reset {
+            self.router.reset_count();
+            self.rate_reset = now + Duration::from_secs(1);
+        }
         let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
         for k in keys {
             let mut send = Vec::new();

@@ -6,7 +6,8 @@
 use std::net::IpAddr;
 
 use boringtun::noise::{
-    errors::WireGuardError, handshake::parse_handshake_anon, Packet, Tunn, TunnResult,
+    errors::WireGuardError, handshake::parse_handshake_anon, rate_limiter::RateLimiter, Packet,
+    Tunn, TunnResult,
 };
 use boringtun::x25519;
 use proto::{NodePrivate, NodePublic};
@@ -137,31 +138,85 @@ impl WgPeer {
 
 /// Which of our peers a WireGuard datagram belongs to, without decrypting its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WgRoute {
+pub enum WgRoute<'a> {
     /// A handshake initiation from this node key.
     Initiation(NodePublic),
     /// A packet for the session with our peer index (`receiver >> 8`).
     Index(u32),
+    /// We are under a handshake flood: send this cookie reply back to the sender.
+    Cookie(&'a [u8]),
+    /// Dropped before any key work, for this reason.
+    Drop(&'static str),
     /// Not a WireGuard packet we can place.
     Unknown,
 }
 
-/// Places a datagram: initiations are opened far enough to learn the sender's static key
-/// (with our private key); other packets name our index.
-pub fn route(me: &NodePrivate, datagram: &[u8]) -> WgRoute {
-    match Tunn::parse_incoming_packet(datagram) {
-        Ok(Packet::HandshakeInit(init)) => {
-            let s = secret(me);
-            let p = x25519::PublicKey::from(&s);
-            match parse_handshake_anon(&s, &p, &init) {
-                Ok(half) => WgRoute::Initiation(NodePublic::from_bytes(half.peer_static_public)),
-                Err(_) => WgRoute::Unknown,
-            }
+/// Handshake messages (initiations and responses from anyone) checked per second before
+/// the router demands cookies (WireGuard's DoS defence; boringtun's device uses 100).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Places incoming datagrams on sessions. An initiation is opened (with our private key)
+/// far enough to learn its sender, but only after its mac1 checks out, and while the
+/// handshake rate is above [`HANDSHAKE_RATE_LIMIT`] only with a valid cookie (mac2): a
+/// flood of forged initiations costs a hash each, not a Diffie-Hellman.
+pub struct Router {
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    limiter: RateLimiter,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    pub fn new(me: &NodePrivate) -> Self {
+        let secret = secret(me);
+        let public = x25519::PublicKey::from(&secret);
+        Router {
+            limiter: RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT),
+            secret,
+            public,
         }
-        Ok(Packet::HandshakeResponse(r)) => WgRoute::Index(r.receiver_idx >> 8),
-        Ok(Packet::PacketCookieReply(r)) => WgRoute::Index(r.receiver_idx >> 8),
-        Ok(Packet::PacketData(d)) => WgRoute::Index(d.receiver_idx >> 8),
-        Err(_) => WgRoute::Unknown,
+    }
+
+    /// Starts a new rate-limit second; call once a second.
+    pub fn reset_count(&self) {
+        self.limiter.reset_count();
+    }
+
+    /// Where `datagram` (from `from`, if it came over UDP) belongs. A cookie reply to send
+    /// back is written to `out`.
+    pub fn route<'a>(
+        &self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> WgRoute<'a> {
+        let packet = match self.limiter.verify_packet(from, datagram, out) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => return WgRoute::Cookie(cookie),
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => return WgRoute::Drop("bad mac1"),
+            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                return WgRoute::Drop("handshake flood (no address for a cookie)")
+            }
+            Err(_) => return WgRoute::Unknown,
+        };
+        match packet {
+            Packet::HandshakeInit(init) => {
+                match parse_handshake_anon(&self.secret, &self.public, &init) {
+                    Ok(half) => {
+                        WgRoute::Initiation(NodePublic::from_bytes(half.peer_static_public))
+                    }
+                    Err(_) => WgRoute::Unknown,
+                }
+            }
+            Packet::HandshakeResponse(r) => WgRoute::Index(r.receiver_idx >> 8),
+            Packet::PacketCookieReply(r) => WgRoute::Index(r.receiver_idx >> 8),
+            Packet::PacketData(d) => WgRoute::Index(d.receiver_idx >> 8),
+        }
     }
 }
 
@@ -190,12 +245,17 @@ mod tests {
             panic!("expected a handshake initiation")
         };
         let init = init.to_vec();
-        assert_eq!(route(&kb, &init), WgRoute::Initiation(ka.public()));
+        let (ra, rb) = (Router::new(&ka), Router::new(&kb));
+        let mut scratch = [0u8; 256];
+        assert_eq!(
+            rb.route(None, &init, &mut scratch),
+            WgRoute::Initiation(ka.public())
+        );
         let WgAction::Send(resp) = b.decapsulate(None, &init, &mut buf_b) else {
             panic!("expected a handshake response")
         };
         let resp = resp.to_vec();
-        assert_eq!(route(&ka, &resp), WgRoute::Index(7));
+        assert_eq!(ra.route(None, &resp, &mut scratch), WgRoute::Index(7));
         // The response completes the handshake; the queued packet goes out on flush.
         let mut out = Vec::new();
         match a.decapsulate(None, &resp, &mut buf_a) {
@@ -210,13 +270,35 @@ mod tests {
             .iter()
             .find(|p| p.len() > 32)
             .expect("queued data packet");
-        assert_eq!(route(&kb, data), WgRoute::Index(9));
+        assert_eq!(rb.route(None, data, &mut scratch), WgRoute::Index(9));
         match b.decapsulate(None, data, &mut buf_b) {
             WgAction::Deliver(p) => assert_eq!(p, &ip_packet[..]),
             other => panic!("{other:?}"),
         }
         // Garbage and foreign packets are dropped, not panicked on.
-        assert_eq!(route(&kb, b"garbage"), WgRoute::Unknown);
+        assert_eq!(rb.route(None, b"garbage", &mut scratch), WgRoute::Unknown);
+        // A forged initiation (wrong mac1) is dropped before any key work.
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut forged = init.clone();
+        let n = forged.len();
+        forged[n - 20] ^= 1;
+        assert_eq!(
+            rb.route(Some(ip), &forged, &mut scratch),
+            WgRoute::Drop("bad mac1")
+        );
+        // A flood: past the rate limit, senders get cookie replies instead of a DH each;
+        // a new second (boringtun's limiter resets at most once a second) lets
+        // initiations through again.
+        let cookies = (0..HANDSHAKE_RATE_LIMIT + 10)
+            .filter(|_| matches!(rb.route(Some(ip), &init, &mut scratch), WgRoute::Cookie(_)))
+            .count();
+        assert!(cookies >= 9, "{cookies} cookie replies");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        rb.reset_count();
+        assert_eq!(
+            rb.route(Some(ip), &init, &mut scratch),
+            WgRoute::Initiation(ka.public())
+        );
         assert!(matches!(
             b.decapsulate(None, &[4, 0, 0, 0, 1, 2, 3], &mut buf_b),
             WgAction::Drop(_)

@@ -112,6 +112,25 @@ impl ControlSession {
         let _ = self.cmds.send(Cmd::HomeRegion(region)).await;
     }
 
+    /// Like [`ControlSession::set_endpoints`], without waiting: false (and nothing sent)
+    /// when the command queue is full, e.g. while the server is unreachable. The caller
+    /// keeps the latest value and tries again later.
+    pub fn try_set_endpoints(&self, endpoints: Vec<String>) -> bool {
+        !matches!(
+            self.cmds.try_send(Cmd::Endpoints(endpoints)),
+            Err(mpsc::error::TrySendError::Full(_))
+        )
+    }
+
+    /// Like [`ControlSession::set_home_region`], without waiting (see
+    /// [`ControlSession::try_set_endpoints`]).
+    pub fn try_set_home_region(&self, region: i32) -> bool {
+        !matches!(
+            self.cmds.try_send(Cmd::HomeRegion(region)),
+            Err(mpsc::error::TrySendError::Full(_))
+        )
+    }
+
     /// Reports a new disco key (after a restart of the disco layer).
     pub async fn set_disco_key(&self, disco: DiscoPublic) {
         let _ = self.cmds.send(Cmd::Disco(disco)).await;

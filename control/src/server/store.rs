@@ -445,7 +445,14 @@ impl Store for SqliteStore {
             .optional()?;
         let mut user_id = existing.as_ref().map(|n| n.user_id);
         let mut ephemeral = existing.as_ref().is_some_and(|n| n.ephemeral);
-        if let Some(key) = reg.auth_key {
+        // A device that is registered and current, coming back with the key it first
+        // joined with (a restarted daemon still has it in its settings), is a plain
+        // re-registration: a single-use key it already spent must not lock it out.
+        let current = existing
+            .as_ref()
+            .is_some_and(|n| n.node_key == reg.node_key && !n.is_expired(reg.now));
+        let auth_key = if current { None } else { reg.auth_key };
+        if let Some(key) = auth_key {
             let found: Option<PreAuthKeyRecord> = tx
                 .query_row(
                     "SELECT id, prefix, user_id, reusable, ephemeral, used, expires, created
@@ -708,6 +715,11 @@ mod tests {
             Err(RegisterRefusal::NodeKeyOwnedElsewhere)
         );
         assert_eq!(s.nodes().unwrap().len(), 1);
+        // The same device restarting with the single-use key it joined with: the same
+        // node, not a refusal.
+        let again = s.register(&reg(&m1, &n1, Some(&once), 5)).unwrap().unwrap();
+        assert_eq!(s.nodes().unwrap().len(), 1);
+        assert_eq!(again.node_key, n1);
         s.expire_preauth_key(old_rec.id, 0).unwrap();
         assert!(s
             .preauth_keys()
