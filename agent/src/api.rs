@@ -21,7 +21,7 @@ const MAX_REQUEST: usize = 8 << 10;
 /// A client gets this long to send its request, and the engine to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// A fresh netcheck report takes up to 5 s (more with the HTTPS fallback).
-const NETCHECK_TIMEOUT: Duration = Duration::from_secs(10);
+const NETCHECK_TIMEOUT: Duration = Duration::from_secs(8);
 /// Connections served at once (more wait in the kernel's backlog).
 const MAX_CONNS: usize = 32;
 
@@ -247,7 +247,7 @@ async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Repl
             }
             match tokio::time::timeout(NETCHECK_TIMEOUT, rx).await {
                 Ok(Ok(r)) => json(&r),
-                _ => error(504, "no netcheck report within 10 s"),
+                _ => error(504, "no netcheck report within 8 s"),
             }
         }
         "/v1/ping" => {

@@ -75,6 +75,7 @@ pub struct Counters {
     pub wg_drop: BTreeMap<&'static str, u64>,
     pub disco_unknown_sender: u64,
     pub disco_bad: u64,
+    pub disco_key_conflicts: u64,
     pub disco_cmm_not_via_relay: u64,
     pub send_no_path: u64,
     pub stalled_dropped: u64,
@@ -570,8 +571,13 @@ impl Engine {
             match self.peers.get_mut(&node.key) {
                 Some(p) => p.update(node, &self.disco, now),
                 None => {
-                    let index = self.next_index;
-                    self.next_index = (self.next_index + 1) & 0x00FF_FFFF;
+                    // Our 24-bit session index for this peer; one still in use is skipped
+                    // (the counter wraps after 16 million additions).
+                    let mut index = self.next_index;
+                    while self.by_index.contains_key(&index) {
+                        index = (index + 1) & 0x00FF_FFFF;
+                    }
+                    self.next_index = (index + 1) & 0x00FF_FFFF;
                     let p = Peer::new(node, &self.me, &self.disco, index, now);
                     tracing::info!(peer = %node.key.short(), name = %node.name, "peer added");
                     self.by_index.insert(index, node.key);
@@ -591,11 +597,26 @@ impl Engine {
                 self.by_index.remove(&p.index);
             }
         }
-        self.by_disco = self
-            .peers
-            .iter()
-            .filter_map(|(k, p)| p.disco_key.map(|d| (d, *k)))
+        // A disco key claimed by two peers belongs to neither: otherwise one node could
+        // take over another's path discovery by advertising its key.
+        let mut by_disco: BTreeMap<DiscoPublic, Option<NodePublic>> = BTreeMap::new();
+        for (k, p) in &self.peers {
+            if let Some(d) = p.disco_key {
+                by_disco
+                    .entry(d)
+                    .and_modify(|owner| *owner = None)
+                    .or_insert(Some(*k));
+            }
+        }
+        let before = by_disco.len();
+        self.by_disco = by_disco
+            .into_iter()
+            .filter_map(|(d, k)| k.map(|k| (d, k)))
             .collect();
+        if self.by_disco.len() < before {
+            self.counters.disco_key_conflicts += (before - self.by_disco.len()) as u64;
+            tracing::warn!("peers share a disco key; disco with them is ignored");
+        }
         self.routes = RouteTable::build(self.peers.iter().map(|(k, p)| (*k, &p.allowed_ips[..])));
     }
 
@@ -1015,7 +1036,11 @@ impl Engine {
         let ready: Vec<NodePublic> = self
             .peers
             .iter()
-            .filter(|(_, p)| !p.stalled.is_empty() && p.has_path(now))
+            .filter(|(_, p)| {
+                !p.stalled.is_empty()
+                    && (p.path.send_targets(now).udp.is_some()
+                        || self.relays.map().regions.contains_key(&p.home_region))
+            })
             .map(|(k, _)| *k)
             .collect();
         for k in ready {

@@ -151,11 +151,6 @@ impl Peer {
         true
     }
 
-    /// Whether a datagram sent now would have somewhere to go.
-    pub fn has_path(&self, now: Instant) -> bool {
-        self.home_region > 0 || self.path.send_targets(now).udp.is_some()
-    }
-
     pub fn on_data_sent(&mut self, now: Instant) {
         self.path.on_data_sent(now);
     }
