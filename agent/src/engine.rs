@@ -186,6 +186,8 @@ struct Engine {
     endpoints: Vec<SocketAddr>,
     heard: HeardMap,
     reported_home: i32,
+    /// Peers whose disco state changed since the last `drive_peers` pass.
+    dirty: std::collections::BTreeSet<NodePublic>,
     /// Updates for control not handed over yet (see `push_to_control`).
     pending_endpoints: Option<Vec<String>>,
     pending_home: Option<i32>,
@@ -236,6 +238,7 @@ impl Engine {
             endpoints: Vec::new(),
             heard: Arc::default(),
             reported_home: 0,
+            dirty: Default::default(),
             pending_endpoints: None,
             pending_home: None,
             control_url: String::new(),
@@ -520,6 +523,7 @@ impl Engine {
                     for p in self.peers.values_mut() {
                         p.path.rediscover(now);
                     }
+                    self.dirty.extend(self.peers.keys().copied());
                 }
             }
         }
@@ -569,7 +573,10 @@ impl Engine {
             seen.insert(node.key);
             tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
             match self.peers.get_mut(&node.key) {
-                Some(p) => p.update(node, &self.disco, now),
+                Some(p) => {
+                    p.update(node, &self.disco, now);
+                    self.dirty.insert(node.key);
+                }
                 None => {
                     // Our 24-bit session index for this peer; one still in use is skipped
                     // (the counter wraps after 16 million additions).
@@ -582,6 +589,7 @@ impl Engine {
                     tracing::info!(peer = %node.key.short(), name = %node.name, "peer added");
                     self.by_index.insert(index, node.key);
                     self.peers.insert(node.key, p);
+                    self.dirty.insert(node.key);
                 }
             }
         }
@@ -627,6 +635,7 @@ impl Engine {
         self.tun_out = None;
         self.tun = None;
         self.peers.clear();
+        self.dirty.clear();
         self.by_index.clear();
         self.by_disco.clear();
         self.routes = RouteTable::default();
@@ -700,6 +709,7 @@ impl Engine {
         p.on_data_sent(now);
         let (udp, relay) = p.send_targets(now);
         let region = p.home_region;
+        self.dirty.insert(key);
         if udp.is_none() && !(relay && region > 0) {
             let _ = tx.send(Err(
                 "no path to the peer yet (no relay, no direct address)".into()
@@ -776,7 +786,7 @@ impl Engine {
                     .routes
                     .lookup(ip)
                     .and_then(|k| self.peers.get(&k))
-                    .map(|p| self.peer_status(p, now));
+                    .map(|p| self.peer_status(p, self.nodes_by_key().get(&p.key).copied(), now));
                 let _ = tx.send(p);
             }
         }
@@ -792,11 +802,20 @@ impl Engine {
         })
     }
 
-    fn peer_status(&self, p: &Peer, now: Instant) -> proto::localapi::PeerStatus {
-        let node = self
-            .netmap
+    /// The netmap entries by node key (for status: one pass, not one per peer).
+    fn nodes_by_key(&self) -> BTreeMap<NodePublic, &proto::tailcfg::Node> {
+        self.netmap
             .as_ref()
-            .and_then(|nm| nm.peers.values().find(|n| n.key == p.key));
+            .map(|nm| nm.peers.values().map(|n| (n.key, n)).collect())
+            .unwrap_or_default()
+    }
+
+    fn peer_status(
+        &self,
+        p: &Peer,
+        node: Option<&proto::tailcfg::Node>,
+        now: Instant,
+    ) -> proto::localapi::PeerStatus {
         let (hs, tx, rx) = p.wg.stats();
         let targets = p.path.send_targets(now);
         let path = match (targets.udp, p.home_region > 0) {
@@ -829,6 +848,7 @@ impl Engine {
     }
 
     fn status(&self, now: Instant) -> proto::localapi::Status {
+        let nodes = self.nodes_by_key();
         let me = self.netmap.as_ref().and_then(|nm| nm.self_node.as_ref());
         let home = self.relays.home();
         let (state, auth_url) = match &self.control_state {
@@ -864,7 +884,7 @@ impl Engine {
             peers: self
                 .peers
                 .values()
-                .map(|p| self.peer_status(p, now))
+                .map(|p| self.peer_status(p, nodes.get(&p.key).copied(), now))
                 .collect(),
         }
     }
@@ -955,6 +975,7 @@ impl Engine {
             _ => None,
         };
         p.on_data_sent(now);
+        self.dirty.insert(key);
         if let Some(b) = out {
             self.send_to_peer(key, b, now).await;
         }
@@ -1071,8 +1092,13 @@ impl Engine {
         if matches!(ev, RelayEvent::Connected { .. }) {
             self.report_home().await;
             // Call-me-maybe may have been lost while this connection was down.
-            for p in self.peers.values_mut().filter(|p| p.home_region == region) {
+            for (k, p) in self
+                .peers
+                .iter_mut()
+                .filter(|(_, p)| p.home_region == region)
+            {
                 p.path.rediscover(now);
+                self.dirty.insert(*k);
             }
         }
         if let Ok(mut h) = self.heard.lock() {
@@ -1202,8 +1228,17 @@ impl Engine {
         self.drive_peer(key, now).await;
     }
 
+    /// Drives the peers something happened to since the last pass, and those whose
+    /// timers are due (not every peer on every pass: with thousands of peers that would
+    /// cost more than the packets).
     async fn drive_peers(&mut self, now: Instant) {
-        let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
+        let mut keys = std::mem::take(&mut self.dirty);
+        keys.extend(
+            self.peers
+                .iter()
+                .filter(|(_, p)| p.poll_timeout().is_some_and(|t| t <= now))
+                .map(|(k, _)| *k),
+        );
         for k in keys {
             self.drive_peer(k, now).await;
         }
