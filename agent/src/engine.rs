@@ -52,8 +52,8 @@ const GSO_MAX_BYTES: usize = 64_000;
 /// Peers we hold at most (netmap entries beyond are ignored and counted).
 const MAX_PEERS: usize = 10_000;
 
-/// How the daemon was asked to run.
-#[derive(Debug, Clone)]
+/// How the daemon was asked to run. Its `Debug` form leaves out the pre-auth key.
+#[derive(Clone)]
 pub struct Config {
     pub login_server: ControlUrl,
     pub auth_key: Option<String>,
@@ -63,6 +63,20 @@ pub struct Config {
     pub tun_name: String,
     /// The local API's Unix socket.
     pub socket: PathBuf,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("login_server", &self.login_server)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("hostname", &self.hostname)
+            .field("state_dir", &self.state_dir)
+            .field("port", &self.port)
+            .field("tun_name", &self.tun_name)
+            .field("socket", &self.socket)
+            .finish()
+    }
 }
 
 /// Counters of everything the engine drops or does, by reason.

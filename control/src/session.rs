@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, watch};
 use crate::client::ControlClient;
 use crate::dial::{fetch_control_key, ControlUrl};
 
-/// Settings of a [`ControlSession`].
-#[derive(Debug, Clone)]
+/// Settings of a [`ControlSession`]. Its `Debug` form leaves out the pre-auth key.
+#[derive(Clone)]
 pub struct SessionConfig {
     pub url: ControlUrl,
     pub machine: MachinePrivate,
@@ -29,6 +29,19 @@ pub struct SessionConfig {
     pub version: u16,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("url", &self.url)
+            .field("node", &self.node.public().short())
+            .field("hostinfo", &self.hostinfo)
+            .field("endpoints", &self.endpoints)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The session's state, as a person would want to see it.

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "agentd", version, about = "The agentd mesh VPN daemon.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
     /// Join the network and carry traffic until stopped.
     Up(UpArgs),
@@ -22,7 +22,7 @@ enum Command {
     Service(ServiceCmd),
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum ServiceCmd {
     /// Install (or update) the service and start it; running it again changes nothing
     /// unless the settings changed.
@@ -91,7 +91,8 @@ fn service(cmd: ServiceCmd) -> std::process::ExitCode {
     }
 }
 
-#[derive(Debug, clap::Args)]
+/// `agentd up`'s flags (no `Debug`: it would print the pre-auth key).
+#[derive(clap::Args)]
 struct UpArgs {
     /// The control server (controld or Headscale), e.g. https://control.example.com.
     #[arg(long, env = "AGENTD_LOGIN_SERVER")]

@@ -16,8 +16,8 @@ mod launchd;
 #[cfg(target_os = "macos")]
 use launchd as platform;
 
-/// What `install` needs.
-#[derive(Debug, Clone)]
+/// What `install` needs. Its `Debug` form leaves out the pre-auth key.
+#[derive(Clone)]
 pub struct InstallOptions {
     /// The agentd binary the service runs.
     pub exe: PathBuf,
@@ -29,6 +29,18 @@ pub struct InstallOptions {
     pub root: PathBuf,
     /// Enable and start the service after writing it (when the service manager runs).
     pub start: bool,
+}
+
+impl std::fmt::Debug for InstallOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstallOptions")
+            .field("exe", &self.exe)
+            .field("login_server", &self.login_server)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("root", &self.root)
+            .field("start", &self.start)
+            .finish()
+    }
 }
 
 /// Installs (or updates) the service; returns what was done, for the user.
