@@ -118,6 +118,27 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
     assert!(dd >= 5, "pings did not go directly ({dd} direct packets)");
     assert!(dr <= 2, "pings still went through the relay ({dr} packets)");
 
+    // The IPv6 tunnel addresses work too.
+    let v6 = b.status(&lab).unwrap()["self"]["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find(|a| a.contains(':'))
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = lab
+        .exec(&ha, "ping", ["-6", "-c", "2", "-W", "2", "-n", &v6])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ping6 {v6}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // Both picked the nearer region as home.
     for d in [&mut a, &mut b] {
         d.agentd
