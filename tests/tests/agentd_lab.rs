@@ -553,3 +553,32 @@ fn garbage_and_a_removed_peer_leave_other_sessions_alone() {
     assert_eq!(got, sent, "alice-bob suffered from carol's removal");
     assert!(a.agentd.try_wait().unwrap().is_none(), "agentd exited");
 }
+
+#[test]
+fn restarted_agentd_keeps_its_address_and_removes_what_it_set_up() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let (ha, hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+
+    // SIGTERM: agentd exits cleanly and takes its TUN device and socket with it.
+    let status = a.agentd.stop().unwrap();
+    assert!(status.success(), "agentd exited with {status}");
+    assert!(!lab
+        .exec(&ha, "ip", ["link", "show", "agentd0"])
+        .unwrap()
+        .status
+        .success());
+    assert!(!a.socket.exists(), "the API socket was left behind");
+
+    // Started again on the same state (and the same single-join settings): the same
+    // device and address, and traffic flows both ways again.
+    let a2 = scenario::start_agentd(&lab, &ha, "alice", &w.control).unwrap();
+    assert_eq!(a2.ip, a.ip);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    first_ping(&lab, &hb, a2.ip, Duration::from_secs(10));
+    let list = w.control.cli(&lab, &["nodes", "list"]).unwrap();
+    assert_eq!(list.matches("alice").count(), 1, "{list}");
+}
