@@ -96,7 +96,39 @@ pub struct Counters {
     pub udp_send_errors: u64,
     pub relay_packets_in: u64,
     pub peers_over_limit: u64,
-    pub stun_dropped: u64,
+}
+
+impl Counters {
+    /// Every counter by name, with the relay connections' (for `agentctl status --json`).
+    fn to_map(&self, relays: &crate::relays::RelayCounters) -> BTreeMap<String, u64> {
+        let mut m: BTreeMap<String, u64> = [
+            ("tun_no_route", self.tun_no_route),
+            ("tun_bad_packet", self.tun_bad_packet),
+            ("udp_unknown", self.udp_unknown),
+            ("wg_unknown_peer", self.wg_unknown_peer),
+            ("disco_unknown_sender", self.disco_unknown_sender),
+            ("disco_bad", self.disco_bad),
+            ("disco_key_conflicts", self.disco_key_conflicts),
+            ("disco_cmm_not_via_relay", self.disco_cmm_not_via_relay),
+            ("send_no_path", self.send_no_path),
+            ("stalled_dropped", self.stalled_dropped),
+            ("udp_send_errors", self.udp_send_errors),
+            ("relay_packets_in", self.relay_packets_in),
+            ("peers_over_limit", self.peers_over_limit),
+            ("relay_sent", relays.sent),
+            ("relay_dropped_no_region", relays.dropped_no_region),
+            ("relay_dropped_queue_full", relays.dropped_queue_full),
+            ("relay_opened", relays.opened),
+            ("relay_closed_idle", relays.closed_idle),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (reason, n) in &self.wg_drop {
+            m.insert(format!("wg_drop: {reason}"), *n);
+        }
+        m
+    }
 }
 
 /// Shared, read-mostly view of when relay regions were last heard from (for netcheck's
@@ -895,6 +927,7 @@ impl Engine {
                 }),
                 tun: self.tun.as_ref().map(|t| t.name().to_string()),
             },
+            counters: self.counters.to_map(&self.relays.counters),
             peers: self
                 .peers
                 .values()
@@ -1176,9 +1209,6 @@ impl Engine {
             let Some(p) = self.peers.get_mut(&key) else {
                 return;
             };
-            if let Some(a) = from {
-                p.on_udp_received(a, now);
-            }
             match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
                 WgAction::Deliver(b) => deliver.push(b.to_vec()),
                 WgAction::Send(b) => {

@@ -59,7 +59,8 @@ pub struct Peer {
     pub allowed_ips: Vec<String>,
     pub home_region: i32,
     pub name: String,
-    pending: VecDeque<PeerEvent>,
+    /// Pongs to send, and where.
+    pending: VecDeque<(Via, Message)>,
     /// Transaction IDs of pings sent for the local API (`agentctl ping`), bounded.
     pub api_pings: std::collections::BTreeSet<disco::TxId>,
     /// Their answers, for the engine to collect.
@@ -155,8 +156,6 @@ impl Peer {
         self.path.on_data_sent(now);
     }
 
-    pub fn on_udp_received(&mut self, _from: SocketAddr, _now: Instant) {}
-
     /// Where a datagram goes now: (UDP address, also via relay).
     pub fn send_targets(&self, now: Instant) -> (Option<SocketAddr>, bool) {
         let t = self.path.send_targets(now);
@@ -186,17 +185,16 @@ impl Peer {
         tracing::debug!(peer = %self.key.short(), ?via, ?msg, "disco received");
         match msg {
             Message::Ping { tx_id, .. } => {
-                let (src, reply) = match via {
-                    Via::Udp(a) => (a, PeerReply::Udp(a)),
+                let src = match via {
+                    Via::Udp(a) => a,
                     // Over a relay the "source" is the relay's magic address.
-                    Via::Relay(r) => (
-                        SocketAddr::from(([127, 3, 3, 40], u16::try_from(r).unwrap_or(0))),
-                        PeerReply::Relay(r),
-                    ),
+                    Via::Relay(r) => {
+                        SocketAddr::from(([127, 3, 3, 40], u16::try_from(r).unwrap_or(0)))
+                    }
                 };
-                let pong = Message::Pong { tx_id, src };
+                // The pong goes back the way the ping came.
                 if self.pending.len() < MAX_PENDING {
-                    self.pending.push_back(PeerReply::into_event(reply, pong));
+                    self.pending.push_back((via, Message::Pong { tx_id, src }));
                 }
                 let pv = match via {
                     Via::Udp(a) => PathVia::Udp(a),
@@ -258,16 +256,11 @@ impl Peer {
         my_endpoints: &[SocketAddr],
     ) -> Option<PeerEvent> {
         let bx = self.disco_box.as_ref()?;
-        if let Some(e) = self.pending.pop_front() {
-            return Some(match e {
-                PeerEvent::SendUdp { to, packet } => PeerEvent::SendUdp {
-                    to,
-                    packet: seal_pending(bx, my_disco, &packet),
-                },
-                PeerEvent::SendRelay { region, packet } => PeerEvent::SendRelay {
-                    region,
-                    packet: seal_pending(bx, my_disco, &packet),
-                },
+        if let Some((via, msg)) = self.pending.pop_front() {
+            let packet = bx.seal(my_disco, &msg);
+            return Some(match via {
+                Via::Udp(to) => PeerEvent::SendUdp { to, packet },
+                Via::Relay(region) => PeerEvent::SendRelay { region, packet },
             });
         }
         loop {
@@ -299,24 +292,4 @@ impl Peer {
             }
         }
     }
-}
-
-/// A pong waiting to be sealed: the message is kept encoded until `poll_event`.
-enum PeerReply {
-    Udp(SocketAddr),
-    Relay(i32),
-}
-
-impl PeerReply {
-    fn into_event(self, msg: Message) -> PeerEvent {
-        let packet = msg.encode();
-        match self {
-            PeerReply::Udp(to) => PeerEvent::SendUdp { to, packet },
-            PeerReply::Relay(region) => PeerEvent::SendRelay { region, packet },
-        }
-    }
-}
-
-fn seal_pending(bx: &DiscoBox, my_disco: &DiscoPublic, plaintext: &[u8]) -> Vec<u8> {
-    bx.seal_plaintext(my_disco, plaintext)
 }

@@ -250,9 +250,4 @@ impl Relays {
         self.conns.clear();
         self.home = None;
     }
-
-    /// Regions with an open connection.
-    pub fn open_regions(&self) -> Vec<i32> {
-        self.conns.keys().copied().collect()
-    }
 }

@@ -12,11 +12,6 @@ use boringtun::noise::{
 use boringtun::x25519;
 use proto::{NodePrivate, NodePublic};
 
-/// Largest WireGuard overhead over the inner packet: 16 header + 16 tag (+ padding to 16).
-pub const OVERHEAD: usize = 32 + 16;
-/// Smallest output buffer boringtun accepts (a handshake initiation is 148 bytes).
-pub const MIN_BUF: usize = 148;
-
 /// What to do with the result of a WireGuard operation.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WgAction<'a> {

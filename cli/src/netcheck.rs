@@ -57,6 +57,19 @@ async fn load_map(src: &str) -> anyhow::Result<RelayMap> {
     }
 }
 
+/// Prints one report; with `--every`, waits for the next and returns true.
+async fn emit(text: &str, every: Option<Duration>) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    drop(out);
+    let Some(every) = every else {
+        return Ok(false);
+    };
+    tokio::time::sleep(every).await;
+    Ok(true)
+}
+
 /// Through the running agentd: its own socket and relay map.
 async fn run_via_daemon(conn: &crate::local::Conn, args: &Args) -> anyhow::Result<()> {
     if args.verbose || args.port != 0 || args.no_portmap {
@@ -73,13 +86,9 @@ async fn run_via_daemon(conn: &crate::local::Conn, args: &Args) -> anyhow::Resul
         } else {
             r.text
         };
-        let mut out = std::io::stdout().lock();
-        out.write_all(text.as_bytes())?;
-        out.flush()?;
-        let Some(every) = args.every else {
+        if !emit(&text, args.every).await? {
             return Ok(());
-        };
-        tokio::time::sleep(every).await;
+        }
     }
 }
 
@@ -112,12 +121,8 @@ pub async fn run(conn: &crate::local::Conn, args: Args) -> anyhow::Result<()> {
         } else {
             format_report(&report, nc.details(), &map, args.verbose, &now_text())
         };
-        let mut out = std::io::stdout().lock();
-        out.write_all(text.as_bytes())?;
-        out.flush()?;
-        let Some(every) = args.every else {
+        if !emit(&text, args.every).await? {
             return Ok(());
-        };
-        tokio::time::sleep(every).await;
+        }
     }
 }

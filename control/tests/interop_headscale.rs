@@ -12,27 +12,7 @@ use control::dial::{dial, fetch_control_key, ControlUrl, DialError};
 use proto::MachinePrivate;
 
 fn headscale_bin() -> Option<PathBuf> {
-    let dir = std::env::var_os("AGENTD_TAILSCALE_BIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/agentd-interop/bin"))
-        })?;
-    let p = dir.join("headscale");
-    if p.is_file() {
-        return Some(p);
-    }
-    // .ci/run sets this where Go is missing: the suite is skipped, and says so.
-    if std::env::var("AGENTD_INTEROP").as_deref() == Ok("skip") {
-        eprintln!("SKIPPED: the interop suite is off (AGENTD_INTEROP=skip: no Go toolchain)");
-        return None;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "headscale not found in {}: .ci/run builds it (github.com/juanfont/headscale v0.29.0)",
-        dir.display()
-    );
-    eprintln!("skipping: headscale not installed (see .ci/run)");
-    None
+    tests::interop::tool("headscale")
 }
 
 fn free_port() -> u16 {

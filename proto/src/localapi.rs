@@ -75,6 +75,10 @@ pub struct Status {
     #[serde(rename = "self")]
     pub me: SelfStatus,
     pub peers: Vec<PeerStatus>,
+    /// What agentd counted: drops by reason (`tun_no_route`, `wg_drop: bad mac1`, …) and
+    /// relay traffic.
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// This device.

@@ -18,27 +18,7 @@ use bytes::Bytes;
 use common::*;
 
 fn tailscale_bin(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("AGENTD_TAILSCALE_BIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/agentd-interop/bin"))
-        })?;
-    let p = dir.join(name);
-    if p.is_file() {
-        return Some(p);
-    }
-    // .ci/run sets this where Go is missing: the suite is skipped, and says so.
-    if std::env::var("AGENTD_INTEROP").as_deref() == Ok("skip") {
-        eprintln!("SKIPPED: the interop suite is off (AGENTD_INTEROP=skip: no Go toolchain)");
-        return None;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{name} not found in {}: .ci/run installs it with `go install tailscale.com/cmd/{name}@v1.102.3`",
-        dir.display()
-    );
-    eprintln!("skipping: {name} not installed (see .ci/run)");
-    None
+    tests::interop::tool(name)
 }
 
 #[tokio::test]

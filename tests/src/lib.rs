@@ -22,6 +22,7 @@
 
 pub mod emulator;
 pub mod error;
+pub mod interop;
 pub mod lab;
 pub mod link;
 pub mod netfilter;

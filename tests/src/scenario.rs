@@ -234,6 +234,16 @@ impl Device {
         ))
     }
 
+    /// The entry for the peer whose name starts with `name` in `agentctl status --json`.
+    pub fn peer(&self, lab: &Lab, name: &str) -> Result<Option<serde_json::Value>> {
+        let s = self.status(lab)?;
+        Ok(s["peers"].as_array().and_then(|ps| {
+            ps.iter()
+                .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(name)))
+                .cloned()
+        }))
+    }
+
     /// `agentctl status --json`, parsed.
     pub fn status(&self, lab: &Lab) -> Result<serde_json::Value> {
         let (ok, out, err) = self.agentctl(lab, &["status", "--json"])?;
@@ -310,4 +320,28 @@ pub fn ping_once(lab: &Lab, from: &Host, to: Ipv4Addr, wait: Duration) -> Option
         .and_then(|ms| ms.parse::<f64>().ok())
         .map(|ms| Duration::from_secs_f64(ms / 1000.0))
         .or(Some(start.elapsed()))
+}
+
+/// Pings `to` from `from` until the first answer (each try waits up to a second); returns
+/// how long that took, or fails after `within`.
+pub fn wait_for_ping(lab: &Lab, from: &Host, to: Ipv4Addr, within: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if ping_once(lab, from, to, Duration::from_secs(1)).is_some() {
+            return Ok(t0.elapsed());
+        }
+    }
+    Err(LabError::Timeout(format!(
+        "{} could not ping {to} within {within:?}",
+        from.node.name()
+    )))
+}
+
+/// Relay region 901 (10 ms away) and a controld serving it: the smallest world agentd
+/// can run in.
+pub fn one_region_and_control(lab: &Lab) -> Result<(Region, Control)> {
+    let region = start_region(lab, 901, 10)?;
+    let map = write_relay_map(lab, &[&region], &[])?;
+    let control = start_control(lab, &map)?;
+    Ok((region, control))
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::scenario::{self, ping_once, Device};
-use tests::{lab_or_skip, Lab, RouterSpec};
+use tests::{lab_or_skip, Host, Lab, Router, RouterSpec};
 
 /// Polls `status --json` until `peer`'s entry satisfies `ok`; returns that entry.
 fn wait_peer(
@@ -22,46 +22,73 @@ fn wait_peer(
 ) -> Value {
     let t0 = Instant::now();
     loop {
-        let s = dev.status(lab).unwrap();
-        if let Some(p) = s["peers"].as_array().and_then(|ps| {
-            ps.iter()
-                .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(peer)))
-        }) {
-            if ok(p) {
-                return p.clone();
-            }
+        let p = dev.peer(lab, peer).unwrap();
+        if let Some(p) = p.filter(|p| ok(p)) {
+            return p;
         }
         assert!(
             t0.elapsed() < within,
-            "{peer} never matched in {}'s status:\n{s:#}",
-            dev.name
+            "{peer} never matched in {}'s status:\n{:#}",
+            dev.name,
+            dev.status(lab).unwrap()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-#[test]
-fn status_shows_direct_and_relayed_peers_with_the_reason() {
-    let lab = lab_or_skip!();
-    let near = scenario::start_region(&lab, 901, 10).unwrap();
-    let map = scenario::write_relay_map(&lab, &[&near], &[]).unwrap();
-    let control = scenario::start_control(&lab, &map).unwrap();
+/// Alice behind an easy NAT, bob behind another (direct to alice) and carol behind a hard
+/// one (relayed), all on one region and controld.
+struct Three {
+    ha: Host,
+    hb: Host,
+    ra: Router,
+    rb: Router,
+    a: Device,
+    b: Device,
+    c: Device,
+    /// Relay and controld: bind it (not to `_`) to keep them running.
+    world: (scenario::Region, scenario::Control),
+}
+
+fn three(lab: &Lab) -> Three {
+    let world = scenario::one_region_and_control(lab).unwrap();
     let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
     let rc = lab.add_router("rc", RouterSpec::hard()).unwrap();
     let ha = lab.add_lan_host("alice", &ra).unwrap();
     let hb = lab.add_lan_host("bob", &rb).unwrap();
     let hc = lab.add_lan_host("carol", &rc).unwrap();
-    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
-    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
-    let c = scenario::start_agentd(&lab, &hc, "carol", &control).unwrap();
-    // Alice behind an easy NAT talks to bob (easy: direct) and carol (hard: relayed).
-    let t0 = Instant::now();
-    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(10));
+    let a = scenario::start_agentd(lab, &ha, "alice", &world.1).unwrap();
+    let b = scenario::start_agentd(lab, &hb, "bob", &world.1).unwrap();
+    let c = scenario::start_agentd(lab, &hc, "carol", &world.1).unwrap();
+    Three {
+        ha,
+        hb,
+        ra,
+        rb,
+        a,
+        b,
+        c,
+        world,
     }
-    while ping_once(&lab, &ha, c.ip, Duration::from_secs(1)).is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn status_shows_direct_and_relayed_peers_with_the_reason() {
+    let lab = lab_or_skip!();
+    let Three {
+        ha,
+        ra,
+        rb,
+        a,
+        b,
+        c,
+        world: _world,
+        ..
+    } = three(&lab);
+    // Alice talks to bob (direct) and carol (relayed).
+    for ip in [b.ip, c.ip] {
+        scenario::wait_for_ping(&lab, &ha, ip, Duration::from_secs(10)).unwrap();
     }
     for _ in 0..3 {
         ping_once(&lab, &ha, c.ip, Duration::from_secs(1));
@@ -210,18 +237,14 @@ fn agentctl_without_a_daemon_says_so_in_one_line() {
 #[test]
 fn ping_reports_relay_pongs_then_a_direct_one() {
     let lab = lab_or_skip!();
-    let near = scenario::start_region(&lab, 901, 10).unwrap();
-    let map = scenario::write_relay_map(&lab, &[&near], &[]).unwrap();
-    let control = scenario::start_control(&lab, &map).unwrap();
-    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
-    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
-    let rc = lab.add_router("rc", RouterSpec::hard()).unwrap();
-    let ha = lab.add_lan_host("alice", &ra).unwrap();
-    let hb = lab.add_lan_host("bob", &rb).unwrap();
-    let hc = lab.add_lan_host("carol", &rc).unwrap();
-    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
-    let _b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
-    let _c = scenario::start_agentd(&lab, &hc, "carol", &control).unwrap();
+    let Three {
+        rb,
+        a,
+        b: _b,
+        c: _c,
+        world: _world,
+        ..
+    } = three(&lab);
     // Both peers known to alice, with their home relay, before the first ping.
     wait_peer(&lab, &a, "bob", Duration::from_secs(10), |p| {
         p["relay_region"] == 901
@@ -266,19 +289,15 @@ fn ping_reports_relay_pongs_then_a_direct_one() {
 #[test]
 fn down_disconnects_and_up_reconnects() {
     let lab = lab_or_skip!();
-    let near = scenario::start_region(&lab, 901, 10).unwrap();
-    let map = scenario::write_relay_map(&lab, &[&near], &[]).unwrap();
-    let control = scenario::start_control(&lab, &map).unwrap();
-    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
-    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
-    let ha = lab.add_lan_host("alice", &ra).unwrap();
-    let hb = lab.add_lan_host("bob", &rb).unwrap();
-    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
-    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
-    let t0 = Instant::now();
-    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-    }
+    let Three {
+        ha,
+        hb,
+        a,
+        b,
+        world: _world,
+        ..
+    } = three(&lab);
+    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(10)).unwrap();
 
     let (ok, out, err) = a.agentctl(&lab, &["down"]).unwrap();
     assert!(ok, "{out}{err}");
@@ -298,13 +317,7 @@ fn down_disconnects_and_up_reconnects() {
 
     let (ok, out, err) = a.agentctl(&lab, &["up"]).unwrap();
     assert!(ok, "{out}{err}");
-    let t0 = Instant::now();
-    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no traffic after up"
-        );
-    }
+    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(10)).unwrap();
     assert_eq!(a.status(&lab).unwrap()["state"], "Running");
     wait_peer(&lab, &b, "alice", Duration::from_secs(5), |p| {
         p["online"] == true

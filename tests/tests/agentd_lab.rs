@@ -29,20 +29,11 @@ fn world(lab: &Lab) -> World {
     World { near, far, control }
 }
 
-/// Pings until the first answer (each try waits up to a second); returns when it came.
+/// Pings until the first answer; prints and returns how long that took.
 fn first_ping(lab: &Lab, from: &Host, to: Ipv4Addr, within: Duration) -> Duration {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if let Some(rtt) = ping_once(lab, from, to, Duration::from_secs(1)) {
-            eprintln!(
-                "{}: first ping to {to} after {:?} (rtt {rtt:?})",
-                from.node.name(),
-                t0.elapsed()
-            );
-            return t0.elapsed();
-        }
-    }
-    panic!("{} could not ping {to} within {within:?}", from.node.name());
+    let t = scenario::wait_for_ping(lab, from, to, within).unwrap();
+    eprintln!("{}: first ping to {to} after {t:?}", from.node.name());
+    t
 }
 
 /// `n` pings in a row, each answered.
@@ -56,12 +47,18 @@ fn all_pings_answer(lab: &Lab, from: &Host, to: Ipv4Addr, n: usize) {
     }
 }
 
-/// Waits for agentd to log a direct path; returns how long that took from `since`.
-fn wait_direct(dev: &mut Device, since: Instant, within: Duration) -> Duration {
-    dev.agentd
+/// Waits for agentd to log a direct path; returns how long that took from `since`, and
+/// the log line (it names the address).
+fn wait_direct(dev: &mut Device, since: Instant, within: Duration) -> (Duration, String) {
+    let log = dev
+        .agentd
         .wait_for_output("path=direct", within)
         .unwrap_or_else(|e| panic!("{} found no direct path: {e}", dev.name));
-    since.elapsed()
+    let line = log
+        .lines()
+        .find(|l| l.contains("path=direct"))
+        .unwrap_or_default();
+    (since.elapsed(), line.to_string())
 }
 
 fn devices(lab: &Lab, control: &Control, a: &Router, b: &Router) -> (Host, Host, Device, Device) {
@@ -98,7 +95,7 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
     assert!(first < Duration::from_secs(2), "first ping took {first:?}");
 
     // The path becomes direct within a second.
-    let t = wait_direct(&mut a, up, Duration::from_secs(5));
+    let (t, _) = wait_direct(&mut a, up, Duration::from_secs(5));
     eprintln!("alice: direct after {t:?}");
     assert!(
         t < Duration::from_secs(1) + first,
@@ -242,14 +239,7 @@ fn hard_nat_and_port_mapping_router_go_direct_via_the_mapped_port() {
     eprintln!("bob's router mapped {mapped}");
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
     let up = Instant::now();
-    wait_direct(&mut a, up, Duration::from_secs(10));
-    let line = a
-        .agentd
-        .stderr()
-        .lines()
-        .find(|l| l.contains("path=direct"))
-        .unwrap()
-        .to_string();
+    let (_, line) = wait_direct(&mut a, up, Duration::from_secs(10));
     assert!(
         line.contains(&mapped),
         "alice's direct path is not the mapped port: {line}"
@@ -274,7 +264,7 @@ fn double_nat_both_easy_goes_direct() {
     let up = Instant::now();
     let ip = b.ip;
     first_ping(&lab, &ha, ip, Duration::from_secs(10));
-    let t = wait_direct(&mut a, up, Duration::from_secs(5));
+    let (t, _) = wait_direct(&mut a, up, Duration::from_secs(5));
     eprintln!("double NAT: direct after {t:?}");
     let d0 = direct.packets().unwrap();
     all_pings_answer(&lab, &ha, ip, 5);
@@ -308,14 +298,7 @@ fn both_behind_one_nat_go_direct_over_the_lan() {
     let up = Instant::now();
     let ip = b.ip;
     first_ping(&lab, &ha, ip, Duration::from_secs(10));
-    wait_direct(&mut a, up, Duration::from_secs(5));
-    let line = a
-        .agentd
-        .stderr()
-        .lines()
-        .find(|l| l.contains("path=direct"))
-        .unwrap()
-        .to_string();
+    let (_, line) = wait_direct(&mut a, up, Duration::from_secs(5));
     assert!(
         line.contains(&format!("path=direct {}:", hb.ip)),
         "not the LAN address {}: {line}",
@@ -538,6 +521,20 @@ fn garbage_and_a_removed_peer_leave_other_sessions_alone() {
     }
     let (sent, got, _) = ping_series(&lab, &ha, b.ip, 10, "0.1");
     assert_eq!(got, sent, "alice-bob suffered from the junk");
+    // ...and every kind was counted by its reason.
+    let counters = a.status(&lab).unwrap()["counters"].clone();
+    for reason in [
+        "wg_drop: bad mac1",    // forged initiations and responses
+        "wg_unknown_peer",      // cookie replies and data for sessions we do not have
+        "disco_unknown_sender", // disco from a key not in the netmap
+        "udp_unknown",          // neither
+    ] {
+        let n = counters[reason].as_u64().unwrap_or(0);
+        assert!(
+            n >= 100,
+            "{reason}: {n} (of 200 sent); counters: {counters:#}"
+        );
+    }
 
     // Carol is deleted while alice talks to her and to bob.
     let id = w.control.node_id(&lab, "carol").unwrap();

@@ -24,27 +24,7 @@ use tests::scenario::{self, ping_once, Control};
 use tests::{lab_or_skip, ChildGuard, Host, Lab, RouterSpec};
 
 fn tailscale_bin(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("AGENTD_TAILSCALE_BIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/agentd-interop/bin"))
-        })?;
-    let p = dir.join(name);
-    if p.is_file() {
-        return Some(p);
-    }
-    // .ci/run sets this where Go is missing: the suite is skipped, and says so.
-    if std::env::var("AGENTD_INTEROP").as_deref() == Ok("skip") {
-        eprintln!("SKIPPED: the interop suite is off (AGENTD_INTEROP=skip: no Go toolchain)");
-        return None;
-    }
-    assert!(
-        !tests::in_ci(),
-        "{name} not found in {}: .ci/run installs it with `go install tailscale.com/cmd/{name}@v1.102.3`",
-        dir.display()
-    );
-    eprintln!("SKIPPED (not CI): {name} not installed (see .ci/run)");
-    None
+    tests::interop::tool(name)
 }
 
 /// A tailscaled in `host`, logged in to `control`.
@@ -148,21 +128,13 @@ impl Tailscaled {
     }
 }
 
-/// Relay region 901 (relayd) and controld, as in the other lab tests.
-fn world(lab: &Lab) -> (scenario::Region, Control) {
-    let near = scenario::start_region(lab, 901, 10).unwrap();
-    let map = scenario::write_relay_map(lab, &[&near], &[]).unwrap();
-    let control = scenario::start_control(lab, &map).unwrap();
-    (near, control)
-}
-
 #[test]
 fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
     let lab = lab_or_skip!();
     if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
         return;
     }
-    let (_region, control) = world(&lab);
+    let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
     let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
     let ha = lab.add_lan_host("ta", &ra).unwrap();
@@ -195,7 +167,7 @@ fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
     if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
         return;
     }
-    let (_region, control) = world(&lab);
+    let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
     let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
     let ha = lab.add_lan_host("alice", &ra).unwrap();
@@ -216,25 +188,15 @@ fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
 
     // Traffic through the tunnel: ICMP from agentd's side to tailscaled's netstack and
     // back.
-    let t0 = Instant::now();
-    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "alice cannot ping tailscaled"
-        );
-    }
+    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(10)).unwrap();
     for _ in 0..3 {
         assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
     }
     // agentd sees tailscaled as a direct peer.
-    let s = a.status(&lab).unwrap();
-    let peer = s["peers"]
-        .as_array()
+    let peer = a
+        .peer(&lab, "tb")
         .unwrap()
-        .iter()
-        .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tb")))
-        .cloned()
-        .unwrap_or_else(|| panic!("{s:#}"));
+        .expect("agentd lists tailscaled");
     assert_eq!(peer["path"], "direct", "{peer:#}");
 }
 
@@ -322,24 +284,14 @@ fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
     let a = scenario::start_agentd(&lab, &ha, "alice", &hs).unwrap();
     let b = Tailscaled::start(&lab, &hb, "tb", &hs);
 
-    let t0 = Instant::now();
-    while ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "agentd on Headscale cannot ping tailscaled"
-        );
-    }
+    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(20)).unwrap();
     for _ in 0..3 {
         assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
     }
-    let s = a.status(&lab).unwrap();
-    let peer = s["peers"]
-        .as_array()
+    let peer = a
+        .peer(&lab, "tb")
         .unwrap()
-        .iter()
-        .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tb")))
-        .cloned()
-        .unwrap_or_else(|| panic!("{s:#}"));
+        .expect("agentd lists tailscaled");
     assert_eq!(peer["path"], "relay", "{peer:#}");
     assert_eq!(peer["relay_region"], 901, "{peer:#}");
     // And tailscaled lists agentd.
