@@ -929,7 +929,7 @@ impl Lab {
 fn serve_echo(socket: &UdpSocket, stop: &AtomicBool) {
     let mut buf = [0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+        if let Ok((n, from)) = crate::recv_from(socket, &mut buf) {
             let _ = socket.send_to(&buf[..n], from);
         }
     }

@@ -40,6 +40,21 @@ pub use netfilter::PacketCounter;
 pub use process::ChildGuard;
 pub use router::{Filtering, Nat, RouterSpec};
 
+/// `recv_from` that retries when a signal interrupts it. On Linux a socket with a read
+/// timeout fails with EINTR when the process is stopped and continued (signal(7)), even
+/// with no handler installed; a CI runner that pauses jobs does exactly that.
+pub fn recv_from(
+    socket: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, std::net::SocketAddr)> {
+    loop {
+        match socket.recv_from(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Whether this run is CI (`CI=true`), where a lab that cannot be built is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")

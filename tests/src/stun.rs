@@ -161,7 +161,7 @@ pub fn query(socket: &UdpSocket, server: SocketAddr, timeout: Duration) -> io::R
             let mut buf = [0u8; 1500];
             while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
                 socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-                match socket.recv_from(&mut buf) {
+                match crate::recv_from(socket, &mut buf) {
                     Ok((n, _)) => {
                         if let Some(addr) = parse_binding_response(&buf[..n], &txid) {
                             return Ok(addr);
@@ -192,7 +192,7 @@ pub fn query(socket: &UdpSocket, server: SocketAddr, timeout: Duration) -> io::R
 pub(crate) fn serve(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool) {
     let mut buf = [0u8; 1500];
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+        let Ok((n, from)) = crate::recv_from(socket, &mut buf) else {
             continue;
         };
         if let Some(txid) = parse_binding_request(&buf[..n]) {

@@ -143,7 +143,7 @@ fn exchange<T>(
             let try_end = (Instant::now() + wait).min(deadline);
             while let Some(left) = try_end.checked_duration_since(Instant::now()) {
                 socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-                match socket.recv_from(&mut buf) {
+                match crate::recv_from(socket, &mut buf) {
                     Ok((n, from)) if from == server => {
                         if let Some(answer) = parse(&buf[..n]) {
                             return Ok(answer);

@@ -337,7 +337,7 @@ fn tailscale_derper_answers_our_stun_request_with_the_nat_address() {
         let tx = netcheck::stun::new_tx_id();
         sock.send_to(&netcheck::stun::request(tx), to).unwrap();
         let mut buf = [0u8; 1500];
-        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+        if let Ok((n, from)) = tests::recv_from(&sock, &mut buf) {
             assert_eq!(from, to);
             let (got_tx, addr) = netcheck::stun::parse_response(&buf[..n]).unwrap();
             assert_eq!(got_tx, tx);

@@ -342,7 +342,7 @@ fn router_answering_nat_pmp_and_pcp_with_nonsense_is_ignored() {
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                if let Ok((_, from)) = tests::recv_from(&sock, &mut buf) {
                     requests.fetch_add(1, Ordering::Relaxed);
                     for a in &answers {
                         let _ = sock.send_to(a, from);
