@@ -149,7 +149,27 @@ pub async fn run(
         sock::bind_v4(cfg.port).with_context(|| format!("binding UDP port {}", cfg.port))?,
     );
     let port = sock.local_addr()?.port();
-    tracing::info!(port, node = %keys.node.public().short(), "agentd starting");
+    // IPv6 beside IPv4, on the same port where it is free; a host without IPv6 runs
+    // on IPv4 alone.
+    let v6 = match sock::bind_v6(port) {
+        Ok(s) => {
+            let s = Arc::new(s);
+            UdpIo::new(Arc::clone(&s)).map(|io| (s, Arc::new(io)))
+        }
+        Err(e) => Err(e),
+    };
+    let v6 = match v6 {
+        Ok(v6) => Some(v6),
+        Err(e) => {
+            tracing::info!(error = %e, "no IPv6 socket: IPv4 only");
+            None
+        }
+    };
+    let port6 = v6
+        .as_ref()
+        .and_then(|(s, _)| s.local_addr().ok())
+        .map(|a| a.port());
+    tracing::info!(port, ?port6, node = %keys.node.public().short(), "agentd starting");
 
     let session_cfg = SessionConfig {
         url: cfg.login_server.clone(),
@@ -176,6 +196,7 @@ pub async fn run(
         disco,
         Arc::clone(&sock),
         udp,
+        v6,
         port,
         session_cfg,
     );
@@ -215,6 +236,8 @@ struct Engine {
     disco_pub: DiscoPublic,
     sock: Arc<UdpSocket>,
     udp: Arc<UdpIo>,
+    /// The IPv6 socket, when the host has IPv6.
+    sock6: Option<(Arc<UdpSocket>, Arc<UdpIo>)>,
     gso: Option<Gso>,
     port: u16,
     /// The control session; None while `agentctl down` holds the device down.
@@ -253,6 +276,7 @@ impl Engine {
         disco: DiscoPrivate,
         sock: Arc<UdpSocket>,
         udp: Arc<UdpIo>,
+        sock6: Option<(Arc<UdpSocket>, Arc<UdpIo>)>,
         port: u16,
         session_cfg: SessionConfig,
     ) -> Self {
@@ -267,6 +291,7 @@ impl Engine {
             disco,
             disco_pub,
             udp,
+            sock6,
             gso: None,
             sock,
             port,
@@ -316,32 +341,20 @@ impl Engine {
         // UDP reader.
         let (udp_tx, mut udp_rx) = mpsc::channel::<Vec<(Vec<u8>, SocketAddr)>>(QUEUE / 16);
         let (netcheck_inbox_tx, netcheck_inbox_rx) = tokio::sync::oneshot::channel::<StunInbox>();
-        let reader_io = Arc::clone(&self.udp);
-        let udp_reader = tokio::spawn(async move {
-            let Ok(inbox) = netcheck_inbox_rx.await else {
-                return;
-            };
-            let mut bufs = RecvBuffers::default();
-            loop {
-                match reader_io.recv(&mut bufs).await {
-                    Ok(_) => {
-                        let mut batch = Vec::new();
-                        for (pkt, from) in bufs.datagrams() {
-                            if sock::classify(pkt) == Kind::Stun {
-                                inbox.deliver(pkt, from);
-                            } else {
-                                batch.push((pkt.to_vec(), from));
-                            }
-                        }
-                        if !batch.is_empty() && udp_tx.send(batch).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => tracing::trace!(error = %e, "UDP receive error"),
-                }
-            }
-        });
+        let udp_reader = tokio::spawn(read_udp(
+            Arc::clone(&self.udp),
+            netcheck_inbox_rx,
+            udp_tx.clone(),
+        ));
         let _udp_guard = AbortOnDrop(udp_reader);
+        let (netcheck_inbox6_tx, netcheck_inbox6_rx) = tokio::sync::oneshot::channel::<StunInbox>();
+        let _udp6_guard = self.sock6.as_ref().map(|(_, io)| {
+            AbortOnDrop(tokio::spawn(read_udp(
+                Arc::clone(io),
+                netcheck_inbox6_rx,
+                udp_tx,
+            )))
+        });
 
         // netcheck, in its own task, on the shared socket.
         let (report_tx, mut report_rx) = mpsc::channel::<Report>(4);
@@ -351,8 +364,13 @@ impl Engine {
         let mut portmap_ext = portmapper.external();
         // netcheck does not wait for the port-mapping probe: the engine's own mapper
         // reports the mapped address when (and if) the router grants one.
-        let mut nc = Netchecker::with_sockets(Some(Arc::clone(&self.sock)), None, None);
+        let mut nc = Netchecker::with_sockets(
+            Some(Arc::clone(&self.sock)),
+            self.sock6.as_ref().map(|(s, _)| Arc::clone(s)),
+            None,
+        );
         let _ = netcheck_inbox_tx.send(nc.inbox());
+        let _ = netcheck_inbox6_tx.send(nc.inbox());
         let heard = Arc::clone(&self.heard);
         let (renetcheck_tx, mut renetcheck_rx) = mpsc::channel::<()>(1);
         let netcheck_task = tokio::spawn(async move {
@@ -396,7 +414,7 @@ impl Engine {
         let mut netcheck_waiters: Vec<
             tokio::sync::oneshot::Sender<proto::localapi::NetcheckResult>,
         > = Vec::new();
-        let mut local_addrs = crate::interfaces::local_addresses();
+        let mut local_addrs = crate::interfaces::local_addresses(self.sock6.is_some());
 
         loop {
             let next_peer = self
@@ -558,7 +576,7 @@ impl Engine {
             }
             if tokio::time::Instant::now() >= next_netmon {
                 next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
-                let addrs = crate::interfaces::local_addresses();
+                let addrs = crate::interfaces::local_addresses(self.sock6.is_some());
                 if addrs != local_addrs {
                     // The network changed: measure again now (a full report), ask the
                     // router for a mapping again, and look for direct paths anew.
@@ -764,11 +782,12 @@ impl Engine {
         }
         self.api_waiters.insert(tx_id, (now, tx, key));
         if let Some(addr) = udp {
-            let sock = Arc::clone(&self.sock);
-            let pkt = packet.clone();
-            tokio::spawn(async move {
-                let _ = sock.send_to(&pkt, addr).await;
-            });
+            if let Some(sock) = self.sock_for(addr) {
+                let pkt = packet.clone();
+                tokio::spawn(async move {
+                    let _ = sock.send_to(&pkt, addr).await;
+                });
+            }
         }
         if relay && region > 0 {
             self.relays.send(region, key, Bytes::from(packet), now);
@@ -982,8 +1001,19 @@ impl Engine {
                 eps.push(SocketAddr::new(g.ip(), self.port));
             }
         }
-        for ip in crate::interfaces::local_addresses() {
-            eps.push(SocketAddr::new(ip, self.port));
+        let port6 = self
+            .sock6
+            .as_ref()
+            .and_then(|(s, _)| s.local_addr().ok())
+            .map(|a| a.port());
+        if let (Some(g), Some(_)) = (report.global_v6, port6) {
+            eps.push(g);
+        }
+        for ip in crate::interfaces::local_addresses(port6.is_some()) {
+            let port = if ip.is_ipv6() { port6 } else { Some(self.port) };
+            if let Some(port) = port {
+                eps.push(SocketAddr::new(ip, port));
+            }
         }
         let mut dedup = Vec::new();
         for e in eps {
@@ -1065,7 +1095,11 @@ impl Engine {
     /// Queues a WireGuard datagram for `to`: runs of same-size datagrams to one address
     /// leave together in one system call ([`Engine::flush_udp`]).
     async fn queue_udp(&mut self, to: SocketAddr, d: &[u8]) {
-        let max = self.udp.max_segments();
+        let Some(io) = self.io_for(to) else {
+            self.counters.udp_send_errors += 1;
+            return;
+        };
+        let max = io.max_segments();
         let fits = self.gso.as_ref().is_some_and(|g| {
             g.to == to
                 && !g.closed
@@ -1089,10 +1123,29 @@ impl Engine {
         g.closed = d.len() < g.segment;
     }
 
+    /// The socket for datagrams to `to` (None: an IPv6 address on a host without IPv6).
+    fn sock_for(&self, to: SocketAddr) -> Option<Arc<UdpSocket>> {
+        match to {
+            SocketAddr::V4(_) => Some(Arc::clone(&self.sock)),
+            SocketAddr::V6(_) => self.sock6.as_ref().map(|(s, _)| Arc::clone(s)),
+        }
+    }
+
+    /// The batched I/O for datagrams to `to`.
+    fn io_for(&self, to: SocketAddr) -> Option<Arc<UdpIo>> {
+        match to {
+            SocketAddr::V4(_) => Some(Arc::clone(&self.udp)),
+            SocketAddr::V6(_) => self.sock6.as_ref().map(|(_, io)| Arc::clone(io)),
+        }
+    }
+
     /// Sends the queued run of datagrams.
     async fn flush_udp(&mut self) {
         if let Some(g) = self.gso.take() {
-            if let Err(e) = self.udp.send_segments(g.to, &g.buf, g.segment).await {
+            let Some(io) = self.io_for(g.to) else {
+                return;
+            };
+            if let Err(e) = io.send_segments(g.to, &g.buf, g.segment).await {
                 self.counters.udp_send_errors += 1;
                 tracing::debug!(to = %g.to, error = %e, "UDP send failed");
             }
@@ -1180,8 +1233,8 @@ impl Engine {
                     WgRoute::Initiation(k) => Some(k),
                     WgRoute::Index(i) => self.by_index.get(&i).copied(),
                     WgRoute::Cookie(c) => {
-                        if let Some(a) = from {
-                            let _ = self.sock.send_to(c, a).await;
+                        if let Some((a, sock)) = from.and_then(|a| Some((a, self.sock_for(a)?))) {
+                            let _ = sock.send_to(c, a).await;
                         }
                         *self
                             .counters
@@ -1323,7 +1376,9 @@ impl Engine {
             }
             match e {
                 PeerEvent::SendUdp { to, packet } => {
-                    let _ = self.sock.send_to(&packet, to).await;
+                    if let Some(sock) = self.sock_for(to) {
+                        let _ = sock.send_to(&packet, to).await;
+                    }
                 }
                 PeerEvent::SendRelay { region: r, packet } => {
                     let r = if r > 0 { r } else { region };
@@ -1407,4 +1462,35 @@ fn spawn_tun_writer(tun: Arc<TunDevice>, mut rx: mpsc::Receiver<Vec<u8>>) -> Abo
             batch.clear();
         }
     }))
+}
+
+/// Reads batches from one shared socket: STUN answers go to netcheck's inbox (once the
+/// netcheck task hands it over), everything else to the engine.
+async fn read_udp(
+    io: Arc<UdpIo>,
+    inbox: tokio::sync::oneshot::Receiver<StunInbox>,
+    to_engine: mpsc::Sender<Vec<(Vec<u8>, SocketAddr)>>,
+) {
+    let Ok(inbox) = inbox.await else {
+        return;
+    };
+    let mut bufs = RecvBuffers::default();
+    loop {
+        match io.recv(&mut bufs).await {
+            Ok(_) => {
+                let mut batch = Vec::new();
+                for (pkt, from) in bufs.datagrams() {
+                    if sock::classify(pkt) == Kind::Stun {
+                        inbox.deliver(pkt, from);
+                    } else {
+                        batch.push((pkt.to_vec(), from));
+                    }
+                }
+                if !batch.is_empty() && to_engine.send(batch).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::trace!(error = %e, "UDP receive error"),
+        }
+    }
 }

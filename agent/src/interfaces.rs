@@ -1,10 +1,18 @@
 //! This host's own addresses, advertised (with our port) as "local" endpoints so peers
 //! on the same LAN can reach us directly. Loopback, link-local and our own tunnel
-//! addresses are left out; only IPv4 for now (the shared socket is IPv4).
+//! addresses are left out. IPv6 link-local addresses are left out too: they need a zone
+//! (interface) that means nothing on the peer's side.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-fn usable(ip: Ipv4Addr) -> bool {
+fn usable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => usable_v4(ip),
+        IpAddr::V6(ip) => usable_v6(ip),
+    }
+}
+
+fn usable_v4(ip: Ipv4Addr) -> bool {
     !(ip.is_loopback()
         || ip.is_link_local()
         || ip.is_unspecified()
@@ -13,16 +21,36 @@ fn usable(ip: Ipv4Addr) -> bool {
         || (ip.octets()[0] == 100 && ip.octets()[1] & 0xC0 == 64))
 }
 
-/// The host's usable IPv4 interface addresses.
+fn usable_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        // fe80::/10, link-local.
+        || (s[0] & 0xFFC0) == 0xFE80
+        // fd7a:115c:a1e0::/48: tunnel addresses.
+        || s[..3] == [0xFD7A, 0x115C, 0xA1E0]
+        // ::ffff:0:0/96, IPv4-mapped (the IPv4 address is listed on its own).
+        || ip.to_ipv4_mapped().is_some())
+}
+
+/// The host's usable interface addresses: IPv4, and IPv6 when `with_v6`.
 #[cfg(unix)]
-pub fn local_addresses() -> Vec<IpAddr> {
+pub fn local_addresses(with_v6: bool) -> Vec<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     let mut out: Vec<IpAddr> = addrs
-        .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip())))
+        .filter_map(|a| {
+            let s = a.address?;
+            if let Some(v4) = s.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            s.as_sockaddr_in6()
+                .filter(|_| with_v6)
+                .map(|v6| IpAddr::V6(v6.ip()))
+        })
         .filter(|ip| usable(*ip))
-        .map(IpAddr::V4)
         .collect();
     out.sort();
     out.dedup();
@@ -30,7 +58,7 @@ pub fn local_addresses() -> Vec<IpAddr> {
 }
 
 #[cfg(not(unix))]
-pub fn local_addresses() -> Vec<IpAddr> {
+pub fn local_addresses(_with_v6: bool) -> Vec<IpAddr> {
     Vec::new()
 }
 
@@ -40,12 +68,20 @@ mod tests {
 
     #[test]
     fn tunnel_loopback_and_link_local_addresses_are_not_endpoints() {
-        assert!(!usable("127.0.0.1".parse().unwrap()));
-        assert!(!usable("169.254.1.1".parse().unwrap()));
-        assert!(!usable("100.64.0.7".parse().unwrap()));
-        assert!(!usable("100.127.255.1".parse().unwrap()));
-        assert!(usable("100.128.0.1".parse().unwrap()));
-        assert!(usable("10.1.0.10".parse().unwrap()));
-        assert!(usable("198.51.100.7".parse().unwrap()));
+        let usable = |s: &str| usable(s.parse().unwrap());
+        assert!(!usable("127.0.0.1"));
+        assert!(!usable("169.254.1.1"));
+        assert!(!usable("100.64.0.7"));
+        assert!(!usable("100.127.255.1"));
+        assert!(usable("100.128.0.1"));
+        assert!(usable("10.1.0.10"));
+        assert!(usable("198.51.100.7"));
+        assert!(!usable("::1"));
+        assert!(!usable("fe80::1"));
+        assert!(!usable("fd7a:115c:a1e0::5"));
+        assert!(!usable("::ffff:10.1.0.10"));
+        assert!(!usable("ff02::1"));
+        assert!(usable("2001:db8:5::10"));
+        assert!(usable("fd00:1::2"));
     }
 }

@@ -2,7 +2,7 @@
 //! on it (shared/PROTOCOLS.md §2.2). The socket gets large kernel buffers: with the
 //! default 208 KiB a userspace WireGuard loses 10–15 % of packets at speed.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -17,6 +17,21 @@ pub fn bind_v4(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    tokio::net::UdpSocket::from_std(s.into())
+}
+
+/// Binds the shared IPv6 socket (IPv6 only: IPv4 has its own) on `port`, or on any port
+/// when that one is taken; with large buffers. Fails on hosts without IPv6.
+pub fn bind_v6(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(true)?;
+    s.set_nonblocking(true)?;
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let any = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into();
+    if s.bind(&any(port)).is_err() && port != 0 {
+        s.bind(&any(0))?;
+    }
     tokio::net::UdpSocket::from_std(s.into())
 }
 

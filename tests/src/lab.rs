@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -79,6 +79,8 @@ pub struct Host {
     pub node: Node,
     /// Its address (public for servers, private for LAN hosts).
     pub ip: Ipv4Addr,
+    /// Its global IPv6 address, on the LAN of a router built with [`RouterSpec::ipv6`].
+    pub ip6: Option<Ipv6Addr>,
     /// The emulated link to the internet, if it has one.
     pub uplink: Option<EmuLink>,
 }
@@ -103,6 +105,9 @@ pub struct Router {
     pub lan_net: Ipv4Addr,
     /// The LAN subnet's prefix length.
     pub lan_prefix: u8,
+    /// The routed IPv6 /64 of the LAN, when built with [`RouterSpec::ipv6`]; its `::1`
+    /// is the router.
+    pub lan_net6: Option<Ipv6Addr>,
     /// What kind of router it is.
     pub spec: RouterSpec,
     /// The emulated link to the internet, if it has one.
@@ -306,6 +311,11 @@ impl Lab {
             &[
                 ("net.ipv4.conf.all.rp_filter", "0"),
                 ("net.ipv4.conf.default.rp_filter", "0"),
+                // No duplicate address detection: a lab address is unique by construction,
+                // and a tentative link-local address stalls neighbour discovery for IPv6
+                // packets sent in the first second.
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
             ],
         )?;
         Ok(Node {
@@ -438,7 +448,7 @@ impl Lab {
         ip: Ipv4Addr,
         node_if: &str,
         emulated: Option<LinkParams>,
-    ) -> Result<Option<EmuLink>> {
+    ) -> Result<(String, Option<EmuLink>)> {
         let inet = &self.internet;
         let (inet_if, link) = match emulated {
             None => {
@@ -486,12 +496,93 @@ impl Lab {
         )?;
         netns::ip(&node.ns, &["link", "set", node_if, "up"])?;
         netns::ip(&node.ns, &["route", "add", "default", "via", &inet_ip])?;
-        Ok(link)
+        Ok((inet_if, link))
     }
 
-    /// Connects `node` to `router`'s LAN bridge on interface `node_if`; returns its address.
-    fn attach_to_lan(&self, router: &Router, node: &Node, node_if: &str) -> Result<Ipv4Addr> {
-        let ip = {
+    /// Gives router `node` (LAN number `lan`, WAN `wan` on the internet, whose other end
+    /// is the internet's `inet_if`) routed IPv6:
+    /// `2001:db8:ffff:<lan>::/64` on the WAN link, `2001:db8:<lan>::/64` on the LAN, which
+    /// the internet routes to it. Returns the LAN prefix.
+    fn route_ipv6(&self, node: &Node, inet_if: &str, lan: u8) -> Result<Ipv6Addr> {
+        let lan = u16::from(lan);
+        let wan_inet = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, lan, 0, 0, 0, 1);
+        let wan_router = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, lan, 0, 0, 0, 2);
+        let lan_net = Ipv6Addr::new(0x2001, 0xdb8, lan, 0, 0, 0, 0, 0);
+        let lan_router = Ipv6Addr::new(0x2001, 0xdb8, lan, 0, 0, 0, 0, 1);
+        let inet = &self.internet;
+        netns::sysctl(&inet.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        netns::sysctl(&node.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        // nodad: usable at once, not after a second of duplicate address detection.
+        netns::ip(
+            &inet.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{wan_inet}/64"),
+                "dev",
+                inet_if,
+                "nodad",
+            ],
+        )?;
+        netns::ip(
+            &node.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{wan_router}/64"),
+                "dev",
+                "wan",
+                "nodad",
+            ],
+        )?;
+        netns::ip(
+            &node.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{lan_router}/64"),
+                "dev",
+                "lan",
+                "nodad",
+            ],
+        )?;
+        netns::ip(
+            &node.ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &wan_inet.to_string(),
+            ],
+        )?;
+        netns::ip(
+            &inet.ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{lan_net}/64"),
+                "via",
+                &wan_router.to_string(),
+            ],
+        )?;
+        Ok(lan_net)
+    }
+
+    /// Connects `node` to `router`'s LAN bridge on interface `node_if`; returns its
+    /// address, and its IPv6 address when the LAN has IPv6.
+    fn attach_to_lan(
+        &self,
+        router: &Router,
+        node: &Node,
+        node_if: &str,
+    ) -> Result<(Ipv4Addr, Option<Ipv6Addr>)> {
+        let (ip, host) = {
             let mut state = self.state();
             let (lan, next) = state
                 .lans
@@ -502,7 +593,7 @@ impl Lab {
             }
             let ip = Ipv4Addr::new(10, *lan, 0, *next);
             *next += 1;
-            ip
+            (ip, ip.octets()[3])
         };
         let port = self.next_interface(&router.node, "p");
         netns::ip(
@@ -528,7 +619,34 @@ impl Lab {
             &node.ns,
             &["route", "add", "default", "via", &router.lan_ip.to_string()],
         )?;
-        Ok(ip)
+        let ip6 = match router.lan_net6 {
+            Some(net) => {
+                let mut seg = net.segments();
+                seg[7] = u16::from(host);
+                let ip6 = Ipv6Addr::from(seg);
+                seg[7] = 1;
+                let gateway = Ipv6Addr::from(seg);
+                netns::ip(
+                    &node.ns,
+                    &[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{ip6}/64"),
+                        "dev",
+                        node_if,
+                        "nodad",
+                    ],
+                )?;
+                netns::ip(
+                    &node.ns,
+                    &["-6", "route", "add", "default", "via", &gateway.to_string()],
+                )?;
+                Some(ip6)
+            }
+            _ => None,
+        };
+        Ok((ip, ip6))
     }
 
     /// Takes the next host number from a public pool.
@@ -571,18 +689,24 @@ impl Lab {
         let ip = self.next_public_ip(pool, base)?;
         let node = self.add_node(name)?;
         let dev = self.next_interface(&node, "eth");
-        let uplink = self.attach_to_internet(&node, ip, &dev, emulated)?;
-        Ok(Host { node, ip, uplink })
+        let (_, uplink) = self.attach_to_internet(&node, ip, &dev, emulated)?;
+        Ok(Host {
+            node,
+            ip,
+            ip6: None,
+            uplink,
+        })
     }
 
     /// A host on `router`'s LAN (next address of its subnet, default route via the router).
     pub fn add_lan_host(&self, name: &str, router: &Router) -> Result<Host> {
         let node = self.add_node(name)?;
         let dev = self.next_interface(&node, "eth");
-        let ip = self.attach_to_lan(router, &node, &dev)?;
+        let (ip, ip6) = self.attach_to_lan(router, &node, &dev)?;
         Ok(Host {
             node,
             ip,
+            ip6,
             uplink: None,
         })
     }
@@ -609,6 +733,11 @@ impl Lab {
         spec: RouterSpec,
         upstream: Option<&Router>,
     ) -> Result<Router> {
+        if spec.ipv6 && (upstream.is_some() || spec.uplink.is_some()) {
+            return Err(LabError::Invalid(
+                "IPv6 routers attach straight to the internet over a plain veth".to_string(),
+            ));
+        }
         if upstream.is_some() && spec.uplink.is_some() {
             return Err(LabError::Invalid(
                 "emulated uplinks connect to the internet only; put the delay on the upstream router"
@@ -651,13 +780,17 @@ impl Lab {
             ],
         )?;
         netns::ip(&node.ns, &["link", "set", "lan", "up"])?;
-        let (wan_ip, uplink) = match upstream {
+        let (wan_ip, uplink, inet_if) = match upstream {
             None => {
                 let ip = self.next_public_ip(|s| &mut s.next_wan, [198, 51, 100])?;
-                let link = self.attach_to_internet(&node, ip, "wan", spec.uplink)?;
-                (ip, link)
+                let (inet_if, link) = self.attach_to_internet(&node, ip, "wan", spec.uplink)?;
+                (ip, link, Some(inet_if))
             }
-            Some(up) => (self.attach_to_lan(up, &node, "wan")?, None),
+            Some(up) => (self.attach_to_lan(up, &node, "wan")?.0, None, None),
+        };
+        let lan_net6 = match (spec.ipv6, inet_if) {
+            (true, Some(inet_if)) => Some(self.route_ipv6(&node, &inet_if, lan)?),
+            _ => None,
         };
         let router = Router {
             node,
@@ -665,6 +798,7 @@ impl Lab {
             lan_ip,
             lan_net,
             lan_prefix,
+            lan_net6,
             spec: spec.clone(),
             uplink,
         };

@@ -1,7 +1,7 @@
 //! Traffic controls a test applies at runtime in any lab namespace: blackholes ("the direct
 //! path dies") and packet counters ("did the traffic go direct?").
 //!
-//! They live in their own table, `ip labctl`, hooked at prerouting and output with raw
+//! They live in their own table, `inet labctl`, hooked at prerouting and output with raw
 //! priority — before conntrack and NAT, so the addresses matched are the ones on the wire
 //! where the namespace sees them (a router sees its LAN hosts' private addresses coming in
 //! and its own public address going out). Blackholed packets are dropped before any counter,
@@ -14,11 +14,11 @@ use crate::netns;
 
 /// The table's skeleton; `add` is idempotent for tables, sets and chains.
 fn skeleton() -> &'static str {
-    "add table ip labctl
-add set ip labctl blocked_udp { type ipv4_addr . ipv4_addr; }
-add set ip labctl blocked_all { type ipv4_addr . ipv4_addr; }
-add chain ip labctl pre { type filter hook prerouting priority raw; policy accept; }
-add chain ip labctl out { type filter hook output priority raw; policy accept; }
+    "add table inet labctl
+add set inet labctl blocked_udp { type ipv4_addr . ipv4_addr; }
+add set inet labctl blocked_all { type ipv4_addr . ipv4_addr; }
+add chain inet labctl pre { type filter hook prerouting priority raw; policy accept; }
+add chain inet labctl out { type filter hook output priority raw; policy accept; }
 "
 }
 
@@ -27,8 +27,8 @@ pub(crate) fn install(ns: &str) -> Result<()> {
     let mut script = skeleton().to_string();
     for chain in ["pre", "out"] {
         script.push_str(&format!(
-            "add rule ip labctl {chain} ip saddr . ip daddr @blocked_all drop\n\
-             add rule ip labctl {chain} meta l4proto udp ip saddr . ip daddr @blocked_udp drop\n"
+            "add rule inet labctl {chain} ip saddr . ip daddr @blocked_all drop\n\
+             add rule inet labctl {chain} meta l4proto udp ip saddr . ip daddr @blocked_udp drop\n"
         ));
     }
     netns::nft(ns, &script)
@@ -57,7 +57,7 @@ pub(crate) fn block(ns: &str, what: Blocked, a: Ipv4Addr, b: Ipv4Addr) -> Result
     netns::nft(
         ns,
         &format!(
-            "add element ip labctl {} {{ {a} . {b}, {b} . {a} }}\n",
+            "add element inet labctl {} {{ {a} . {b}, {b} . {a} }}\n",
             what.set()
         ),
     )
@@ -68,7 +68,7 @@ pub(crate) fn unblock(ns: &str, what: Blocked, a: Ipv4Addr, b: Ipv4Addr) -> Resu
     netns::nft(
         ns,
         &format!(
-            "delete element ip labctl {} {{ {a} . {b}, {b} . {a} }}\n",
+            "delete element inet labctl {} {{ {a} . {b}, {b} . {a} }}\n",
             what.set()
         ),
     )
@@ -84,10 +84,10 @@ pub struct PacketCounter {
 impl PacketCounter {
     /// Adds a counter `name` in `ns` counting packets that match `filter` (nft syntax).
     pub(crate) fn install(ns: &str, name: &str, filter: &str) -> Result<Self> {
-        let mut script = format!("add counter ip labctl {name}\n");
+        let mut script = format!("add counter inet labctl {name}\n");
         for chain in ["pre", "out"] {
             script.push_str(&format!(
-                "add rule ip labctl {chain} {filter} counter name \"{name}\"\n"
+                "add rule inet labctl {chain} {filter} counter name \"{name}\"\n"
             ));
         }
         netns::nft(ns, &script)?;
@@ -101,7 +101,7 @@ impl PacketCounter {
         let verb = if reset { "reset" } else { "list" };
         let out = netns::run(
             netns::exec_command(&self.ns, "nft")
-                .args([verb, "counter", "ip", "labctl", &self.name]),
+                .args([verb, "counter", "inet", "labctl", &self.name]),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
         parse_counter(&text).ok_or_else(|| {
@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn counter_output_parses() {
-        let text = "table ip labctl {\n\tcounter c1 {\n\t\tpackets 12 bytes 3456\n\t}\n}\n";
+        let text = "table inet labctl {\n\tcounter c1 {\n\t\tpackets 12 bytes 3456\n\t}\n}\n";
         assert_eq!(parse_counter(text), Some((12, 3456)));
         assert_eq!(parse_counter("nothing"), None);
     }

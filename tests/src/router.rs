@@ -54,6 +54,9 @@ pub struct RouterSpec {
     pub upnp: bool,
     /// Emulated delay/loss on the WAN link (only toward the internet).
     pub uplink: Option<LinkParams>,
+    /// Also route a global IPv6 /64 to the LAN (no translation, as IPv6 is deployed),
+    /// filtered like IPv4: `filtering` and `block_udp` apply to it too.
+    pub ipv6: bool,
 }
 
 impl RouterSpec {
@@ -65,6 +68,7 @@ impl RouterSpec {
             block_udp: false,
             upnp: false,
             uplink: None,
+            ipv6: false,
         }
     }
 
@@ -119,6 +123,12 @@ impl RouterSpec {
     /// Sets whether miniupnpd runs.
     pub fn with_upnp(mut self, upnp: bool) -> Self {
         self.upnp = upnp;
+        self
+    }
+
+    /// Sets whether the LAN also gets routed IPv6 (see [`RouterSpec::ipv6`]).
+    pub fn with_ipv6(mut self, ipv6: bool) -> Self {
+        self.ipv6 = ipv6;
         self
     }
 
@@ -196,6 +206,19 @@ pub(crate) fn ruleset(spec: &RouterSpec) -> String {
         );
     }
     s.push_str("}\n");
+    if spec.ipv6 {
+        // IPv6 is routed, never translated: only the filter applies.
+        s.push_str(&format!(
+            "table ip6 lab6 {{\n  chain forward {{\n    type filter hook forward priority filter; policy {policy};\n"
+        ));
+        if spec.block_udp {
+            s.push_str("    meta l4proto udp drop\n");
+        }
+        s.push_str("    ct state established,related accept\n");
+        // Neighbour discovery and path-MTU messages are not forwarded state; let ICMPv6 by.
+        s.push_str("    meta l4proto ipv6-icmp accept\n");
+        s.push_str("    iifname != \"wan\" accept\n  }\n}\n");
+    }
     s
 }
 

@@ -306,6 +306,47 @@ fn both_behind_one_nat_go_direct_over_the_lan() {
     );
 }
 
+#[test]
+fn two_hard_nats_with_ipv6_go_direct_over_ipv6() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    // IPv4 behind symmetric NATs (relay only, as above), but both networks also route
+    // IPv6 behind stateful firewalls, as many mobile and home networks do.
+    let ra = lab
+        .add_router("ra", RouterSpec::hard().with_ipv6(true))
+        .unwrap();
+    let rb = lab
+        .add_router("rb", RouterSpec::hard().with_ipv6(true))
+        .unwrap();
+    let (ha, hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
+    let bob6 = hb.ip6.unwrap();
+    let up = Instant::now();
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    let (t, line) = wait_direct(&mut a, up, Duration::from_secs(5));
+    eprintln!("hard NATs with IPv6: direct after {t:?}: {line}");
+    assert!(
+        line.contains(&format!("path=direct [{bob6}]:")),
+        "not bob's IPv6 address {bob6}: {line}"
+    );
+    let direct = lab
+        .count_packets(
+            lab.internet(),
+            &format!("ip6 daddr {bob6} meta l4proto udp"),
+        )
+        .unwrap();
+    all_pings_answer(&lab, &ha, b.ip, 5);
+    assert!(direct.packets().unwrap() >= 5, "pings did not go over IPv6");
+    let status = a.peer(&lab, "bob").unwrap().unwrap();
+    assert_eq!(status["path"], "direct", "{status:#}");
+    assert!(
+        status["direct"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("[{bob6}]:")),
+        "{status:#}"
+    );
+}
+
 /// Waits until `child` exits (up to `within`); returns whether it exited successfully.
 fn wait_exit(child: &mut tests::ChildGuard, within: Duration) -> bool {
     let t0 = Instant::now();

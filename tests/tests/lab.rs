@@ -653,3 +653,39 @@ fn two_easy_nats_let_hole_punching_through_even_after_a_packet_was_refused() {
     // And now both ways work.
     assert!(deliver(&sa, &sb, to_b, TIMEOUT).is_some());
 }
+
+#[test]
+fn ipv6_lans_are_routed_untranslated_and_filtered_like_ipv4() {
+    let lab = lab_or_skip!();
+    let ra = lab
+        .add_router("ra", RouterSpec::hard().with_ipv6(true))
+        .unwrap();
+    let rb = lab
+        .add_router("rb", RouterSpec::hard().with_ipv6(true))
+        .unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let (a6, b6) = (
+        ha.ip6.expect("alice has IPv6"),
+        hb.ip6.expect("bob has IPv6"),
+    );
+    assert!(!a6.is_unique_local() && !a6.is_unicast_link_local());
+    assert_ne!(ra.lan_net6, rb.lan_net6);
+    let sa = lab.udp_bind(&ha, (a6, 41_641)).unwrap();
+    let sb = lab.udp_bind(&hb, (b6, 41_641)).unwrap();
+    let (to_a, to_b) = (
+        SocketAddr::from((a6, 41_641)),
+        SocketAddr::from((b6, 41_641)),
+    );
+    // Unsolicited: Bob's firewall drops it, but Alice's side is now open to Bob…
+    assert!(deliver(&sa, &sb, to_b, Duration::from_millis(300)).is_none());
+    // …so Bob's packet gets in, from his own address and port: nothing translates.
+    let (_, from) = deliver(&sb, &sa, to_a, TIMEOUT).expect("bob's packet reaches alice");
+    assert_eq!(from, to_b);
+    assert!(deliver(&sa, &sb, to_b, TIMEOUT).is_some());
+    // A stranger on another port is still filtered.
+    let stranger = lab.udp_bind(&hb, (b6, 41_642)).unwrap();
+    assert!(deliver(&stranger, &sa, to_a, Duration::from_millis(300)).is_none());
+    // IPv4 behind the same routers is still a hard NAT.
+    assert!(ha.ip.is_private());
+}
