@@ -166,13 +166,19 @@ fn home_is_the_nearer_region_and_stays_through_small_changes() {
     let alice = lab.add_lan_host("alice", &router).unwrap();
 
     let stream = ReportStream::start(&lab, &alice, &map, "300ms");
-    let first = stream.next();
-    assert_eq!(first["PreferredDERP"], 901, "{first:#}");
     let lat = |r: &Value, id: &str| r["RegionLatency"][id].as_f64().unwrap() / 1e6;
-    let (l1, l2) = (lat(&first, "901"), lat(&first, "902"));
+    // The lowest of three reports: one probe delayed by a busy (or paused) machine must
+    // not decide the figure.
+    let (mut l1, mut l2) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let r = stream.next();
+        assert_eq!(r["PreferredDERP"], 901, "{r:#}");
+        l1 = l1.min(lat(&r, "901"));
+        l2 = l2.min(lat(&r, "902"));
+    }
     assert!((18.0..35.0).contains(&l1), "near region measured {l1} ms");
     assert!((78.0..100.0).contains(&l2), "far region measured {l2} ms");
-    assert_eq!(stream.homes(3), vec![901; 3]);
+    assert_eq!(stream.homes(2), vec![901; 2]);
 
     // Small change: the far region becomes a little faster than the near one
     // (26 ms vs 30 ms round trip). Not worth a move: the home stays, report after report.
@@ -189,12 +195,22 @@ fn home_is_the_nearer_region_and_stays_through_small_changes() {
         .set(LinkParams::delay_ms(13))
         .unwrap();
     let _ = stream.homes(2); // reports already under way when the links changed
-    let after = stream.next();
+                             // One of the next three reports shows it (one is enough: a probe can be delayed).
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = stream.next();
+        assert_eq!(r["PreferredDERP"], 901, "{r:#}");
+        let faster = lat(&r, "902") < lat(&r, "901");
+        seen.push(r);
+        if faster {
+            break;
+        }
+    }
+    let after = seen.last().unwrap();
     assert!(
-        lat(&after, "902") < lat(&after, "901"),
-        "the far region should now measure faster: {after:#}"
+        lat(after, "902") < lat(after, "901"),
+        "the far region should now measure faster: {seen:#?}"
     );
-    assert_eq!(after["PreferredDERP"], 901, "{after:#}");
     assert_eq!(
         stream.homes(6),
         vec![901; 6],
