@@ -1,10 +1,14 @@
-//! The local API server: HTTP/1.1 with JSON bodies on a Unix socket (documents in
-//! `proto::localapi`). Each connection carries one request; the engine answers queries
-//! through a bounded channel, so the API never touches engine state directly.
+//! The local API server: HTTP/1.1 with JSON bodies on a Unix socket, or a named pipe on
+//! Windows (documents in `proto::localapi`). Each connection carries one request; the
+//! engine answers queries through a bounded channel, so the API never touches engine
+//! state directly.
 //!
 //! The socket is created mode 0660, group `agentd` when that group exists, so root and
 //! members of the group can use agentctl. A stale socket file (left by a crash) is
-//! replaced; a live one (another agentd) is an error.
+//! replaced; a live one (another agentd) is an error. The named pipe keeps Windows'
+//! default security (full access for LocalSystem, Administrators and its creator; others
+//! may only read, so cannot send a request), refuses remote clients, and is claimed as a
+//! first instance: a second agentd fails instead of sharing it.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +48,7 @@ pub enum Query {
 /// The running server; the socket file is removed on drop.
 #[derive(Debug)]
 pub struct ApiServer {
+    #[cfg_attr(not(unix), allow(dead_code))] // only a socket file needs removing
     path: PathBuf,
     task: tokio::task::JoinHandle<()>,
 }
@@ -51,6 +56,8 @@ pub struct ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.task.abort();
+        // A socket file stays behind when its listener closes; a pipe goes by itself.
+        #[cfg(unix)]
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -105,10 +112,60 @@ pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServ
     })
 }
 
-#[cfg(not(unix))]
+/// Creates the named pipe `path` and serves queries through `engine`.
+#[cfg(windows)]
+pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServer> {
+    use anyhow::Context as _;
+    use tokio::net::windows::named_pipe::{NamedPipeServer, ServerOptions};
+
+    let name = path.as_os_str().to_owned();
+    let create = move |first: bool| -> std::io::Result<NamedPipeServer> {
+        ServerOptions::new()
+            .first_pipe_instance(first)
+            .reject_remote_clients(true)
+            .create(&name)
+    };
+    let mut next = create(true).with_context(|| {
+        format!(
+            "creating the local API pipe {} (is another agentd running? is this an administrator?)",
+            path.display()
+        )
+    })?;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+    let task = tokio::spawn(async move {
+        loop {
+            // A pipe instance serves one client; a fresh one waits for the next.
+            if next.connect().await.is_err() {
+                match create(false) {
+                    Ok(p) => next = p,
+                    Err(_) => return,
+                }
+                continue;
+            }
+            let conn = match create(false) {
+                Ok(p) => std::mem::replace(&mut next, p),
+                Err(_) => return,
+            };
+            let Ok(permit) = std::sync::Arc::clone(&limit).acquire_owned().await else {
+                return;
+            };
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(TIMEOUT * 2, handle(conn, engine)).await;
+                drop(permit);
+            });
+        }
+    });
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        task,
+    })
+}
+
+#[cfg(not(any(unix, windows)))]
 pub fn serve(path: &Path, _engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServer> {
     anyhow::bail!(
-        "the local API ({}) needs a Unix socket; the Windows named pipe is not written yet",
+        "the local API ({}) needs a Unix socket or a Windows named pipe",
         path.display()
     )
 }
@@ -131,8 +188,10 @@ fn error(code: u16, msg: &str) -> Reply {
     (code, body)
 }
 
-#[cfg(unix)]
-async fn handle(mut stream: tokio::net::UnixStream, engine: mpsc::Sender<Query>) {
+async fn handle<S>(mut stream: S, engine: mpsc::Sender<Query>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = Vec::with_capacity(1024);
     let head_end = loop {
         let mut chunk = [0u8; 1024];

@@ -34,32 +34,20 @@ fn usable_v6(ip: Ipv6Addr) -> bool {
         || ip.to_ipv4_mapped().is_some())
 }
 
-/// The host's usable interface addresses: IPv4, and IPv6 when `with_v6`.
-#[cfg(unix)]
+/// The host's usable interface addresses: IPv4, and IPv6 when `with_v6` (on every
+/// platform, through the getifaddrs crate).
 pub fn local_addresses(with_v6: bool) -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+    let Ok(interfaces) = getifaddrs::getifaddrs() else {
         return Vec::new();
     };
-    let mut out: Vec<IpAddr> = addrs
-        .filter_map(|a| {
-            let s = a.address?;
-            if let Some(v4) = s.as_sockaddr_in() {
-                return Some(IpAddr::V4(v4.ip()));
-            }
-            s.as_sockaddr_in6()
-                .filter(|_| with_v6)
-                .map(|v6| IpAddr::V6(v6.ip()))
-        })
+    let mut out: Vec<IpAddr> = interfaces
+        .filter_map(|i| i.address.ip_addr())
+        .filter(|ip| with_v6 || ip.is_ipv4())
         .filter(|ip| usable(*ip))
         .collect();
     out.sort();
     out.dedup();
     out
-}
-
-#[cfg(not(unix))]
-pub fn local_addresses(_with_v6: bool) -> Vec<IpAddr> {
-    Vec::new()
 }
 
 #[cfg(test)]

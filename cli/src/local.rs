@@ -52,8 +52,7 @@ impl Conn {
 
 #[cfg(unix)]
 async fn request(sock: &Path, method: &str, path: &str) -> anyhow::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = match tokio::net::UnixStream::connect(sock).await {
+    let s = match tokio::net::UnixStream::connect(sock).await {
         Ok(s) => s,
         Err(e) => {
             return Err(match e.kind() {
@@ -69,6 +68,53 @@ async fn request(sock: &Path, method: &str, path: &str) -> anyhow::Result<Vec<u8
             })
         }
     };
+    exchange(s, method, path).await
+}
+
+#[cfg(windows)]
+async fn request(pipe: &Path, method: &str, path: &str) -> anyhow::Result<Vec<u8>> {
+    use tokio::net::windows::named_pipe::ClientOptions;
+    /// ERROR_PIPE_BUSY: every instance is serving someone; wait and try again.
+    const PIPE_BUSY: i32 = 231;
+    let s = loop {
+        match ClientOptions::new().open(pipe.as_os_str()) {
+            Ok(s) => break s,
+            Err(e) if e.raw_os_error() == Some(PIPE_BUSY) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(match e.kind() {
+                    std::io::ErrorKind::NotFound => anyhow!(
+                        "agentd is not running (nothing answers at {}); start it with `agentd up --login-server URL` or `agentd service install`",
+                        pipe.display()
+                    ),
+                    std::io::ErrorKind::PermissionDenied => anyhow!(
+                        "permission denied on {}: run agentctl as an administrator",
+                        pipe.display()
+                    ),
+                    _ => anyhow!("cannot reach agentd at {}: {e}", pipe.display()),
+                })
+            }
+        }
+    };
+    exchange(s, method, path).await
+}
+
+#[cfg(not(any(unix, windows)))]
+async fn request(sock: &Path, _method: &str, _path: &str) -> anyhow::Result<Vec<u8>> {
+    bail!(
+        "talking to agentd at {} needs a Unix socket or a named pipe",
+        sock.display()
+    )
+}
+
+/// One request and its answer's body (an error answer becomes the error).
+#[cfg(any(unix, windows))]
+async fn exchange<S>(mut s: S, method: &str, path: &str) -> anyhow::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: agentd\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
@@ -92,14 +138,6 @@ async fn request(sock: &Path, method: &str, path: &str) -> anyhow::Result<Vec<u8
         bail!("{msg}");
     }
     Ok(body)
-}
-
-#[cfg(not(unix))]
-async fn request(sock: &Path, _method: &str, _path: &str) -> anyhow::Result<Vec<u8>> {
-    bail!(
-        "talking to agentd at {} needs a Unix socket on this platform",
-        sock.display()
-    )
 }
 
 #[allow(clippy::print_stdout)]

@@ -19,11 +19,29 @@ use serde::{Deserialize, Serialize};
 
 /// Where agentd listens by default: `/run/agentd/agentd.sock` for root (the service's
 /// runtime directory), otherwise `$XDG_RUNTIME_DIR/agentd.sock`, otherwise
-/// `/tmp/agentd-<uid>.sock`. `AGENTD_SOCKET` overrides it for both sides.
+/// `/tmp/agentd-<uid>.sock`; on Windows the named pipe [`WINDOWS_PIPE`]. `AGENTD_SOCKET`
+/// overrides it for both sides.
 pub fn default_socket_path() -> PathBuf {
     if let Some(p) = std::env::var_os("AGENTD_SOCKET") {
         return PathBuf::from(p);
     }
+    #[cfg(windows)]
+    {
+        // A named pipe. Under ProtectedPrefix\Administrators only an administrator (or
+        // the service, as LocalSystem) can create it, so no other user can squat the name.
+        PathBuf::from(WINDOWS_PIPE)
+    }
+    #[cfg(not(windows))]
+    {
+        default_unix_socket_path()
+    }
+}
+
+/// The local API's named pipe on Windows.
+pub const WINDOWS_PIPE: &str = r"\\.\pipe\ProtectedPrefix\Administrators\agentd\agentd";
+
+#[cfg(not(windows))]
+fn default_unix_socket_path() -> PathBuf {
     #[cfg(unix)]
     {
         if is_root() {
@@ -46,6 +64,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+#[cfg(not(windows))]
 fn user_tag() -> String {
     #[cfg(unix)]
     {

@@ -1,5 +1,6 @@
 //! `agentd`: the mesh VPN daemon. `agentd up --login-server URL --auth-key KEY` joins
-//! the network and runs until SIGINT or SIGTERM, then removes what it set up.
+//! the network and runs until SIGINT or SIGTERM (Ctrl-C, or the service manager's stop
+//! on Windows), then removes what it set up.
 
 use std::path::PathBuf;
 
@@ -17,7 +18,8 @@ struct Cli {
 enum Command {
     /// Join the network and carry traffic until stopped.
     Up(UpArgs),
-    /// Run agentd as a system service (systemd on Linux, launchd on macOS).
+    /// Run agentd as a system service (systemd on Linux, launchd on macOS, the service
+    /// manager on Windows).
     #[command(subcommand)]
     Service(ServiceCmd),
 }
@@ -54,6 +56,9 @@ enum ServiceCmd {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// The service's entry point on Windows (the service manager starts it).
+    #[command(hide = true)]
+    Run,
 }
 
 #[allow(clippy::print_stdout, clippy::print_stderr)]
@@ -78,6 +83,7 @@ fn service(cmd: ServiceCmd) -> std::process::ExitCode {
             }),
         ServiceCmd::Uninstall { root } => service::uninstall(&root),
         ServiceCmd::Status { root } => service::status(&root),
+        ServiceCmd::Run => service::run_service(run_as_service).map(|()| String::new()),
     };
     match r {
         Ok(msg) => {
@@ -124,6 +130,36 @@ struct UpArgs {
     /// per line).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Append logs to this file instead of writing them to stderr.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+/// What the Windows service manager's agentd runs: `agentd up` with the service's
+/// settings, keys and log file.
+fn run_as_service(
+    how: agent::service::ServiceRun,
+    stop: agent::service::Shutdown,
+) -> anyhow::Result<()> {
+    let login_server = how
+        .settings
+        .login_server
+        .context("no login server in the service's settings: run `agentd service install --login-server URL`")?;
+    let mut argv = vec![
+        "agentd".to_string(),
+        "up".into(),
+        "--login-server".into(),
+        login_server,
+    ];
+    argv.extend(["--state-dir".into(), how.state_dir.display().to_string()]);
+    if let Some(f) = &how.log_file {
+        argv.extend(["--log-file".into(), f.display().to_string()]);
+    }
+    let Command::Up(mut a) = Cli::try_parse_from(argv)?.command else {
+        anyhow::bail!("internal: `up` did not parse as `up`");
+    };
+    a.auth_key = how.settings.auth_key;
+    up(a, stop)
 }
 
 fn hostname() -> String {
@@ -132,6 +168,7 @@ fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
         .unwrap_or_else(|| "device".into())
 }
 
@@ -139,7 +176,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Service(cmd) => service(cmd),
-        Command::Up(a) => match up(a) {
+        Command::Up(a) => match up(a, Box::pin(shutdown_signal())) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 #[allow(clippy::print_stderr)]
@@ -152,7 +189,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn up(a: UpArgs) -> anyhow::Result<()> {
+fn up(a: UpArgs, shutdown: agent::service::Shutdown) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => {
             tracing_subscriber::EnvFilter::try_new(&f).context("bad RUST_LOG filter")?
@@ -160,14 +197,28 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         _ => tracing_subscriber::EnvFilter::try_new(&a.log_level)
             .context("bad --log-level filter")?,
     };
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let (writer, terminal) = match &a.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the log file {}", path.display()))?;
+            (BoxMakeWriter::new(std::sync::Mutex::new(file)), false)
+        }
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if a.log_format == "json" {
         logs.json().init();
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+        logs.with_ansi(terminal).init();
     }
     let cfg = agent::engine::Config {
         login_server: a
@@ -189,7 +240,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(agent::engine::run(cfg, shutdown_signal()))
+    rt.block_on(agent::engine::run(cfg, shutdown))
 }
 
 async fn shutdown_signal() {
