@@ -14,7 +14,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Which agentd to talk to.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Conn {
-    /// agentd's local API socket (default: /run/agentd/agentd.sock for root).
+    /// agentd's local API socket (default: the system daemon's /run/agentd/agentd.sock
+    /// when it exists, else this user's own).
     #[arg(long, global = true, env = "AGENTD_SOCKET")]
     pub socket: Option<PathBuf>,
 }
@@ -23,7 +24,7 @@ impl Conn {
     fn path(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(proto::localapi::default_socket_path)
+            .unwrap_or_else(proto::localapi::default_client_socket_path)
     }
 
     /// `GET path`, decoded as `T`.

@@ -17,65 +17,83 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Where agentd listens by default: `/run/agentd/agentd.sock` for root (the service's
-/// runtime directory), otherwise `$XDG_RUNTIME_DIR/agentd.sock`, otherwise
-/// `/tmp/agentd-<uid>.sock`; on Windows the named pipe [`WINDOWS_PIPE`]. `AGENTD_SOCKET`
-/// overrides it for both sides.
+/// Where agentd listens by default: the system socket [`SYSTEM_SOCKET`] when it runs as
+/// root (the service's runtime directory), otherwise `$XDG_RUNTIME_DIR/agentd.sock`,
+/// otherwise `<tmp>/agentd-<uid>.sock`; on Windows the named pipe [`WINDOWS_PIPE`].
+/// `AGENTD_SOCKET` overrides it.
 pub fn default_socket_path() -> PathBuf {
     if let Some(p) = std::env::var_os("AGENTD_SOCKET") {
         return PathBuf::from(p);
     }
     #[cfg(windows)]
     {
-        // A named pipe. Under ProtectedPrefix\Administrators only an administrator (or
-        // the service, as LocalSystem) can create it, so no other user can squat the name.
         PathBuf::from(WINDOWS_PIPE)
     }
     #[cfg(not(windows))]
     {
-        default_unix_socket_path()
+        if is_root() {
+            PathBuf::from(SYSTEM_SOCKET)
+        } else {
+            user_socket_path()
+        }
     }
 }
 
-/// The local API's named pipe on Windows.
+/// Where agentctl looks by default: the system daemon's socket when there is one (any
+/// user in the `agentd` group may use it), else where a daemon of this user would listen
+/// ([`default_socket_path`]). `AGENTD_SOCKET` overrides it.
+pub fn default_client_socket_path() -> PathBuf {
+    #[cfg(not(windows))]
+    {
+        if std::env::var_os("AGENTD_SOCKET").is_none()
+            && std::path::Path::new(SYSTEM_SOCKET).exists()
+        {
+            return PathBuf::from(SYSTEM_SOCKET);
+        }
+    }
+    default_socket_path()
+}
+
+/// The local API's named pipe on Windows. Under `ProtectedPrefix\Administrators` only an
+/// administrator (or the service, as LocalSystem) can create it, so no other user can
+/// squat the name.
 pub const WINDOWS_PIPE: &str = r"\\.\pipe\ProtectedPrefix\Administrators\agentd\agentd";
 
+/// The system daemon's socket (its service's runtime directory).
+#[cfg(target_os = "linux")]
+pub const SYSTEM_SOCKET: &str = "/run/agentd/agentd.sock";
+/// The system daemon's socket (its service's runtime directory).
+#[cfg(all(unix, not(target_os = "linux")))]
+pub const SYSTEM_SOCKET: &str = "/var/run/agentd/agentd.sock";
+
 #[cfg(not(windows))]
-fn default_unix_socket_path() -> PathBuf {
-    #[cfg(unix)]
-    {
-        if is_root() {
-            return PathBuf::from("/run/agentd/agentd.sock");
-        }
-        if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-            return PathBuf::from(d).join("agentd.sock");
-        }
+fn user_socket_path() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("agentd.sock");
     }
     std::env::temp_dir().join(format!("agentd-{}.sock", user_tag()))
 }
 
 #[cfg(unix)]
 fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    // The owner of a file we create is our effective user: cheaper to ask the kernel
-    // about /proc/self than to pull in libc here.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    nix::unistd::geteuid().is_root()
+}
+
+#[cfg(not(any(unix, windows)))]
+fn is_root() -> bool {
+    false
 }
 
 #[cfg(not(windows))]
 fn user_tag() -> String {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::MetadataExt as _;
-        if let Ok(m) = std::fs::metadata("/proc/self") {
-            return m.uid().to_string();
-        }
+        nix::unistd::geteuid().to_string()
     }
-    std::env::var("USER")
-        .or_else(|_| std::env::var("USERNAME"))
-        .unwrap_or_else(|_| "user".into())
+    #[cfg(not(unix))]
+    {
+        std::env::var("USER").unwrap_or_else(|_| "user".into())
+    }
 }
 
 /// `GET /v1/status`.

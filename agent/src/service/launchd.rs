@@ -70,3 +70,56 @@ pub fn status(root: &Path) -> anyhow::Result<String> {
         "not installed".into()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn plist_runs_the_binary_with_escaped_settings_root_only_and_uninstalls_cleanly() {
+        let root = tempfile::tempdir().unwrap();
+        let o = InstallOptions {
+            exe: "/opt/agent d/agentd".into(),
+            login_server: Some("https://control.example.com/?a=1&b=2".into()),
+            auth_key: Some("key<secret>".into()),
+            root: root.path().to_path_buf(),
+            start: true, // a scratch root starts nothing
+        };
+        let first = install(&o).unwrap();
+        assert!(first.contains("wrote"), "{first}");
+        let path = under(root.path(), PLIST_PATH);
+        let plist = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            plist.contains("<string>/opt/agent d/agentd</string>"),
+            "{plist}"
+        );
+        assert!(!plist.contains("/usr/local/bin/agentd"));
+        assert!(plist.contains("<key>AGENTD_LOGIN_SERVER</key>\n    <string>https://control.example.com/?a=1&amp;b=2</string>"), "{plist}");
+        assert!(
+            plist.contains("<string>key&lt;secret&gt;</string>"),
+            "{plist}"
+        );
+        // The settings sit inside EnvironmentVariables, next to the state directory.
+        let env = plist
+            .split("<key>EnvironmentVariables</key>")
+            .nth(1)
+            .unwrap();
+        let env = env.split("</dict>").next().unwrap();
+        assert!(env.contains("AGENTD_STATE_DIR") && env.contains("AGENTD_AUTH_KEY"));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        install(&o).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            plist,
+            "not idempotent"
+        );
+        assert!(status(root.path()).unwrap().starts_with("installed"));
+        uninstall(root.path()).unwrap();
+        assert!(!path.exists());
+        assert_eq!(status(root.path()).unwrap(), "not installed");
+    }
+}

@@ -12,7 +12,8 @@ mod systemd;
 #[cfg(target_os = "linux")]
 use systemd as platform;
 
-#[cfg(target_os = "macos")]
+// Compiled for tests on Linux too: its files are checked in a scratch root there.
+#[cfg(any(target_os = "macos", all(test, target_os = "linux")))]
 mod launchd;
 #[cfg(target_os = "macos")]
 use launchd as platform;
