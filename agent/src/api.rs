@@ -14,7 +14,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::localapi::{ApiError, NetcheckResult, PeerStatus, PingResult, Status, Version};
+use proto::localapi::{
+    query_value, ApiError, NetcheckResult, PeerStatus, PingResult, Status, Version,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot};
 
@@ -245,13 +247,6 @@ async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// The value of `key` in a query string.
-fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-}
 
 async fn ask<T>(
     engine: &mpsc::Sender<Query>,
@@ -286,7 +281,7 @@ async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Repl
             None => error(503, "agentd is busy or shutting down"),
         },
         "/v1/whois" => {
-            let Some(ip) = query_param(query, "ip").and_then(|s| s.parse::<IpAddr>().ok()) else {
+            let Some(ip) = query_value(query, "ip").and_then(|s| s.parse::<IpAddr>().ok()) else {
                 return error(400, "want ?ip=ADDRESS");
             };
             match ask(engine, |tx| Query::Whois(ip, tx)).await {
@@ -310,16 +305,16 @@ async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Repl
             }
         }
         "/v1/ping" => {
-            let Some(peer) = query_param(query, "peer").filter(|p| !p.is_empty()) else {
+            let Some(peer) = query_value(query, "peer").filter(|p| !p.is_empty()) else {
                 return error(400, "want ?peer=NAME_OR_ADDRESS");
             };
-            let wait = query_param(query, "timeout_ms")
+            let wait = query_value(query, "timeout_ms")
                 .and_then(|t| t.parse::<u64>().ok())
                 .map_or(Duration::from_secs(2), Duration::from_millis)
                 .min(TIMEOUT);
             let (tx, rx) = oneshot::channel();
             if engine
-                .send_timeout(Query::Ping(peer.to_string(), tx), TIMEOUT)
+                .send_timeout(Query::Ping(peer.clone(), tx), TIMEOUT)
                 .await
                 .is_err()
             {
@@ -342,9 +337,15 @@ mod tests {
 
     #[test]
     fn query_params() {
-        assert_eq!(query_param("ip=100.64.0.1&x=1", "ip"), Some("100.64.0.1"));
-        assert_eq!(query_param("x=1", "ip"), None);
-        assert_eq!(query_param("", "ip"), None);
+        assert_eq!(
+            query_value("ip=100.64.0.1&x=1", "ip").as_deref(),
+            Some("100.64.0.1")
+        );
+        assert_eq!(
+            query_value("peer=my%20laptop", "peer").as_deref(),
+            Some("my laptop")
+        );
+        assert_eq!(query_value("", "ip"), None);
     }
 
     #[tokio::test]

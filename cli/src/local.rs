@@ -350,7 +350,12 @@ pub struct WhoisArgs {
 
 #[allow(clippy::print_stdout)]
 pub async fn whois(conn: &Conn, a: WhoisArgs) -> anyhow::Result<()> {
-    let p: PeerStatus = conn.get(&format!("/v1/whois?ip={}", a.ip)).await?;
+    let p: PeerStatus = conn
+        .get(&format!(
+            "/v1/whois?ip={}",
+            proto::localapi::encode_query_value(&a.ip.to_string())
+        ))
+        .await?;
     if a.json {
         return print_json(&p);
     }
@@ -483,7 +488,7 @@ pub fn pong_text(r: &proto::localapi::PingResult) -> String {
 pub async fn ping(conn: &Conn, a: PingArgs) -> anyhow::Result<()> {
     let path = format!(
         "/v1/ping?peer={}&timeout_ms={}",
-        a.peer,
+        proto::localapi::encode_query_value(&a.peer),
         a.timeout.as_millis()
     );
     for i in 0..a.count.max(1) {

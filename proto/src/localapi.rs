@@ -96,6 +96,44 @@ fn user_tag() -> String {
     }
 }
 
+/// A query-string value, percent-encoded: letters, digits and `-._~` stay, every other
+/// byte becomes `%XX` (so names with spaces, `&` or non-ASCII letters survive the trip).
+pub fn encode_query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The value of `key` in a query string (`a=1&b=2`), percent-decoded (`+` is a space).
+/// None when the key is missing or its value is not valid percent-encoded UTF-8.
+pub fn query_value(query: &str, key: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)?;
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut it = raw.bytes();
+    while let Some(b) = it.next() {
+        match b {
+            b'%' => {
+                let hi = char::from(it.next()?).to_digit(16)?;
+                let lo = char::from(it.next()?).to_digit(16)?;
+                bytes.push(u8::try_from(hi * 16 + lo).ok()?);
+            }
+            b'+' => bytes.push(b' '),
+            b => bytes.push(b),
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -201,6 +239,35 @@ pub struct ApiError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn query_values_round_trip_through_percent_encoding() {
+        for v in [
+            "bob",
+            "my laptop",
+            "a&b=c",
+            "fd7a:115c:a1e0::1",
+            "straße",
+            "100%",
+        ] {
+            let q = format!("x=1&peer={}&y=2", super::encode_query_value(v));
+            assert!(!q.contains(' '));
+            assert_eq!(super::query_value(&q, "peer").as_deref(), Some(v), "{q}");
+        }
+        assert_eq!(
+            super::query_value("peer=a+b", "peer").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(
+            super::query_value("ip=100.64.0.1", "ip").as_deref(),
+            Some("100.64.0.1")
+        );
+        assert_eq!(super::query_value("x=1", "peer"), None);
+        // Malformed escapes and invalid UTF-8 are refused, not guessed at.
+        for bad in ["peer=%", "peer=%4", "peer=%zz", "peer=%FF"] {
+            assert_eq!(super::query_value(bad, "peer"), None, "{bad}");
+        }
+    }
     use super::*;
 
     #[test]
