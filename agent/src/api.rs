@@ -246,8 +246,6 @@ async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
-/// The value of `key` in a query string.
-
 async fn ask<T>(
     engine: &mpsc::Sender<Query>,
     q: impl FnOnce(oneshot::Sender<T>) -> Query,
