@@ -102,7 +102,8 @@ pub fn parse_response(pkt: &[u8]) -> Result<(TxId, SocketAddr), StunError> {
     }
     mapped
         .or(plain)
-        .map(|a| (tx, a))
+        // A server on a dual-stack socket may answer an IPv4 client with `::ffff:a.b.c.d`.
+        .map(|a| (tx, SocketAddr::new(a.ip().to_canonical(), a.port())))
         .ok_or(StunError::NoAddress)
 }
 
@@ -225,6 +226,17 @@ mod tests {
             .encode(&mut buf, &msg)
             .unwrap();
         assert_eq!(parse_response(&buf[..n]), Ok((tx, v6)));
+        // An IPv4 address in IPv6 clothing (::ffff:a.b.c.d) is read as the IPv4 address.
+        let mapped: SocketAddr = "[::ffff:203.0.113.7]:41641".parse().unwrap();
+        let msg = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+            .with_transaction_id(TransactionId::from(tx))
+            .with_attribute(stun_rs::attributes::stun::XorMappedAddress::from(mapped))
+            .build();
+        let n = MessageEncoderBuilder::default()
+            .build()
+            .encode(&mut buf, &msg)
+            .unwrap();
+        assert_eq!(parse_response(&buf[..n]), Ok((tx, a)));
     }
 
     #[test]

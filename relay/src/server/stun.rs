@@ -32,6 +32,9 @@ pub fn binding_response(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     if msg.method() != BINDING || msg.class() != MessageClass::Request {
         return None;
     }
+    // On a dual-stack socket (the default `[::]:3478`) an IPv4 client shows up as
+    // `::ffff:a.b.c.d`; it must hear back its IPv4 address, in the IPv4 family.
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let resp = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
         .with_transaction_id(*msg.transaction_id())
         .with_attribute(XorMappedAddress::from(from))
@@ -111,6 +114,17 @@ mod tests {
         assert_eq!(&resp[20..24], &[0x00, 0x20, 0x00, 0x08]);
         assert_eq!(resp[25], 0x01);
         assert_eq!(u16::from_be_bytes([resp[26], resp[27]]), 32853 ^ 0x2112);
+        assert_eq!(&resp[28..32], &[192 ^ 0x21, 0x12, 2 ^ 0xA4, 1 ^ 0x42]);
+    }
+
+    #[test]
+    fn ipv4_client_on_a_dual_stack_socket_hears_its_ipv4_address() {
+        let req = tailscale_request([9u8; 12]);
+        let from: SocketAddr = "[::ffff:192.0.2.1]:32853".parse().unwrap();
+        let resp = binding_response(&req, from).unwrap();
+        // Family 1 (IPv4), 8 bytes: not ::ffff:192.0.2.1 in the IPv6 family.
+        assert_eq!(&resp[20..24], &[0x00, 0x20, 0x00, 0x08]);
+        assert_eq!(resp[25], 0x01);
         assert_eq!(&resp[28..32], &[192 ^ 0x21, 0x12, 2 ^ 0xA4, 1 ^ 0x42]);
     }
 
