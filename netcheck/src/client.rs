@@ -105,15 +105,23 @@ fn inbox() -> (StunInbox, mpsc::Receiver<(Vec<u8>, SocketAddr)>) {
     )
 }
 
+/// An IPv6-only socket on `port`: a dual-stack one would collide with the IPv4 socket
+/// on the same port (and see IPv4 traffic as `::ffff:a.b.c.d`).
+fn bind_v6_only(port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    UdpSocket::from_std(s.into())
+}
+
 impl Netchecker {
     /// A netchecker with its own UDP sockets on `port` (0 = any), IPv4 and, where the
     /// host has it, IPv6.
     pub async fn bind(port: u16, portmapper: Option<PortMapper>) -> std::io::Result<Self> {
         let v4 = Arc::new(UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?);
-        let v6 = UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, port))
-            .await
-            .ok()
-            .map(Arc::new);
+        let v6 = bind_v6_only(port).ok().map(Arc::new);
         let (inbox, rx) = inbox();
         let mut readers = Vec::new();
         for sock in [Some(&v4), v6.as_ref()].into_iter().flatten() {
@@ -463,4 +471,26 @@ async fn https_latencies(map: &RelayMap, report: &Report, timeout: Duration) -> 
 
 async fn captive_detect(map: &RelayMap, home: i32, timeout: Duration) -> Option<bool> {
     crate::captive::detect(map, home, timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fixed_port_gets_both_families() {
+        // Find a free port, then ask for it: the IPv6 socket must not collide with the
+        // IPv4 one on the same port (it did while it was dual-stack).
+        let port = std::net::UdpSocket::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let nc = Netchecker::bind(port, None).await.unwrap();
+        assert_eq!(nc.v4.as_ref().unwrap().local_addr().unwrap().port(), port);
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            let v6 = nc.v6.as_ref().expect("an IPv6 socket beside the IPv4 one");
+            assert_eq!(v6.local_addr().unwrap().port(), port);
+        }
+    }
 }

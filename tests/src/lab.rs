@@ -674,6 +674,54 @@ impl Lab {
         self.add_internet_host(name, |s| &mut s.next_server, [203, 0, 113], Some(params))
     }
 
+    /// A server on the internet with the next address of 203.0.113.0/24 and, on the same
+    /// plain veth, the IPv6 address `2001:db8:fffe:<n>::2` (`host.ip6`), where `n` is the
+    /// last byte of its IPv4 address.
+    pub fn add_server_with_ipv6(&self, name: &str) -> Result<Host> {
+        let ip = self.next_public_ip(|s| &mut s.next_server, [203, 0, 113])?;
+        let node = self.add_node(name)?;
+        let dev = self.next_interface(&node, "eth");
+        let (inet_if, uplink) = self.attach_to_internet(&node, ip, &dev, None)?;
+        let n = u16::from(ip.octets()[3]);
+        let inet6 = Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, n, 0, 0, 0, 1);
+        let ip6 = Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, n, 0, 0, 0, 2);
+        netns::sysctl(&self.internet.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        netns::ip(
+            &self.internet.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{inet6}/64"),
+                "dev",
+                &inet_if,
+                "nodad",
+            ],
+        )?;
+        netns::ip(
+            &node.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                &dev,
+                "nodad",
+            ],
+        )?;
+        netns::ip(
+            &node.ns,
+            &["-6", "route", "add", "default", "via", &inet6.to_string()],
+        )?;
+        Ok(Host {
+            node,
+            ip,
+            ip6: Some(ip6),
+            uplink,
+        })
+    }
+
     /// A host directly on the internet (no NAT) with the next address of 192.0.2.0/24.
     pub fn add_public_host(&self, name: &str) -> Result<Host> {
         self.add_internet_host(name, |s| &mut s.next_public, [192, 0, 2], None)

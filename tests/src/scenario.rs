@@ -54,11 +54,17 @@ pub fn start_relayd_with(
     extra: &[String],
 ) -> Result<ChildGuard> {
     let dir = lab.log_dir().to_path_buf();
+    // A host with IPv6 gets dual-stack listeners (relayd's own defaults): IPv4 clients
+    // arrive there as ::ffff:a.b.c.d.
+    let any = |port: u16| match host.ip6 {
+        Some(_) => format!("[::]:{port}"),
+        None => format!("{}:{port}", host.ip),
+    };
     let mut args = vec![
         "--listen".to_string(),
-        format!("{}:443", host.ip),
+        any(443),
         "--stun-listen".to_string(),
-        format!("{}:3478", host.ip),
+        any(3478),
         "--tls-cert".to_string(),
         cert.display().to_string(),
         "--tls-key".to_string(),
@@ -86,14 +92,19 @@ pub fn start_region(lab: &Lab, id: i32, one_way_delay_ms: u64) -> Result<Region>
     Ok(Region { id, host, relayd })
 }
 
-/// The relay-map JSON node for a relay on `ip`.
-fn node_json(region: i32, suffix: &str, ip: Ipv4Addr) -> serde_json::Value {
+/// The relay-map JSON node for a relay on `ip` (and `ip6`).
+fn node_json(
+    region: i32,
+    suffix: &str,
+    ip: Ipv4Addr,
+    ip6: Option<std::net::Ipv6Addr>,
+) -> serde_json::Value {
     serde_json::json!({
         "Name": format!("{region}{suffix}"),
         "RegionID": region,
         "HostName": format!("relay{region}"),
         "IPv4": ip.to_string(),
-        "IPv6": "none",
+        "IPv6": ip6.map_or_else(|| "none".to_string(), |a| a.to_string()),
         "InsecureForTests": true,
     })
 }
@@ -107,10 +118,10 @@ pub fn write_relay_map(
 ) -> Result<PathBuf> {
     let mut map = serde_json::Map::new();
     for r in regions {
-        let mut nodes = vec![node_json(r.id, "a", r.host.ip)];
+        let mut nodes = vec![node_json(r.id, "a", r.host.ip, r.host.ip6)];
         for (i, (id, ip)) in extra.iter().filter(|(id, _)| *id == r.id).enumerate() {
             let suffix = ((b'b' + i as u8) as char).to_string();
-            nodes.push(node_json(*id, &suffix, *ip));
+            nodes.push(node_json(*id, &suffix, *ip, None));
         }
         map.insert(
             r.id.to_string(),

@@ -97,6 +97,71 @@ fn netcheck_reports_the_mapping_and_public_address_of_each_nat_kind() {
     assert_eq!(r["NATType"]["Mapping"], "NoNat", "{r:#}");
 }
 
+#[test]
+fn netcheck_reports_ipv6_where_the_network_routes_it() {
+    let lab = lab_or_skip!();
+    // Two regions whose relays listen dual-stack (relayd's defaults) and publish both
+    // addresses in the relay map.
+    let regions: Vec<Region> = [901, 902]
+        .into_iter()
+        .map(|id| {
+            let name = format!("relay{id}");
+            let host = lab.add_server_with_ipv6(&name).unwrap();
+            let relayd = scenario::start_relayd(&lab, &host, &name).unwrap();
+            Region { id, host, relayd }
+        })
+        .collect();
+    let map = write_map(&lab, &regions.iter().collect::<Vec<_>>());
+
+    // Behind an easy NAT for IPv4, with routed IPv6: both families work, IPv4 is the
+    // router's address (not ::ffff:…, as a dual-stack STUN socket would see it), and the
+    // IPv6 address is the host's own.
+    let home = lab
+        .add_router("home", RouterSpec::easy().with_ipv6(true))
+        .unwrap();
+    let alice = lab.add_lan_host("alice", &home).unwrap();
+    let r = netcheck(&lab, &alice, &map, &["--no-portmap", "--port", "41641"]);
+    assert_eq!(r["UDP"], true, "{r:#}");
+    assert_eq!(
+        global_v4(&r),
+        SocketAddr::from((home.wan_ip, 41641)),
+        "{r:#}"
+    );
+    assert_eq!(r["IPv6"], true, "{r:#}");
+    let v6: SocketAddr = r["GlobalV6"].as_str().unwrap().parse().unwrap();
+    assert_eq!(v6.ip(), std::net::IpAddr::V6(alice.ip6.unwrap()), "{r:#}");
+    assert_eq!(
+        r["RegionV6Latency"].as_object().map_or(0, |m| m.len()),
+        2,
+        "{r:#}"
+    );
+
+    // The text form says so too.
+    let text = lab
+        .exec_ok(
+            &alice,
+            process::agentctl().unwrap(),
+            [
+                "netcheck",
+                "--relay-map",
+                &map.display().to_string(),
+                "--no-portmap",
+            ],
+        )
+        .unwrap();
+    assert!(
+        text.contains(&format!("* IPv6: yes, [{}]:", alice.ip6.unwrap())),
+        "{text}"
+    );
+
+    // Without IPv6 on the network: IPv4 only, and the report says why not.
+    let v4only = lab.add_router("v4only", RouterSpec::easy()).unwrap();
+    let bob = lab.add_lan_host("bob", &v4only).unwrap();
+    let r = netcheck(&lab, &bob, &map, &["--no-portmap"]);
+    assert_eq!(r["UDP"], true, "{r:#}");
+    assert_eq!(r["IPv6"], false, "{r:#}");
+}
+
 /// Reads successive JSON reports from a running `agentctl netcheck --every`.
 struct ReportStream {
     child: std::process::Child,
