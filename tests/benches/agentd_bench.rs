@@ -64,14 +64,15 @@ fn tcp_gbps(lab: &Lab, from: &Host, to: Ipv4Addr) -> f64 {
         / 1e9
 }
 
-/// 64-byte UDP datagrams as fast as iperf3 can send them: packets/s that arrived.
-fn udp_pps(lab: &Lab, from: &Host, to: Ipv4Addr) -> f64 {
+/// 64-byte UDP datagrams as fast as iperf3 can send them: packets/s that arrived, and
+/// the share of those sent that were lost on the way.
+fn udp_pps(lab: &Lab, from: &Host, to: Ipv4Addr) -> (f64, f64) {
     let r = iperf_json(lab, from, to, &["-u", "-l", "64", "-b", "0"]);
     let s = &r["end"]["sum"];
     let packets = s["packets"].as_f64().unwrap_or(0.0);
     let lost = s["lost_packets"].as_f64().unwrap_or(0.0);
     let secs = s["seconds"].as_f64().unwrap_or(1.0).max(0.001);
-    (packets - lost) / secs
+    ((packets - lost) / secs, lost / packets.max(1.0))
 }
 
 /// Median ping round trip in ms (50 pings, 20 ms apart).
@@ -317,12 +318,15 @@ fn main() {
             } else {
                 Vec::new()
             };
-            let p = udp_pps(&lab, &ha, *ip);
+            let (p, loss) = udp_pps(&lab, &ha, *ip);
             for mut c in probes {
                 let _ = c.wait();
             }
             let r = ping_ms(&lab, &ha, *ip);
-            eprintln!("round {round}: {name}: {g:.2} Gb/s, {p:.0} pps, ping {r:.3} ms");
+            eprintln!(
+                "round {round}: {name}: {g:.2} Gb/s, {p:.0} pps ({:.1} % lost), ping {r:.3} ms",
+                loss * 100.0
+            );
             tcp[i].push(g);
             udp[i].push(p);
             ping[i].push(r);
