@@ -347,6 +347,40 @@ fn two_hard_nats_with_ipv6_go_direct_over_ipv6() {
     );
 }
 
+#[test]
+fn relay_is_reached_over_ipv6_when_its_ipv4_is_blocked() {
+    let lab = lab_or_skip!();
+    let host = lab.add_server_with_ipv6("relay901").unwrap();
+    let relayd = scenario::start_relayd(&lab, &host, "relay901").unwrap();
+    let region = Region {
+        id: 901,
+        host,
+        relayd,
+    };
+    let map = scenario::write_relay_map(&lab, &[&region], &[]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    // Alice's network routes IPv6 but cannot reach the relay over IPv4 at all; Bob is
+    // behind a hard NAT, so the two have no direct path and everything is relayed.
+    let ra = lab
+        .add_router("ra", RouterSpec::easy().with_ipv6(true))
+        .unwrap();
+    let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
+    lab.block_all(lab.internet(), ra.wan_ip, region.host.ip)
+        .unwrap();
+    let relay6 = region.host.ip6.unwrap();
+    let over_v6 = lab
+        .count_packets(lab.internet(), &format!("ip6 daddr {relay6} tcp dport 443"))
+        .unwrap();
+    let (ha, _hb, a, b) = devices(&lab, &control, &ra, &rb);
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(15));
+    all_pings_answer(&lab, &ha, b.ip, 5);
+    assert!(
+        over_v6.packets().unwrap() >= 5,
+        "alice's relay traffic did not go over IPv6"
+    );
+    assert!(!a.agentd.stderr().contains("path=direct"));
+}
+
 /// Waits until `child` exits (up to `within`); returns whether it exited successfully.
 fn wait_exit(child: &mut tests::ChildGuard, within: Duration) -> bool {
     let t0 = Instant::now();

@@ -25,6 +25,8 @@ use crate::ws::{self, WsByteStream};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Budget for one TCP dial attempt to one address.
 const DIAL_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long the next address of a relay waits for the one before it.
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
 /// Largest HTTP response head we read.
 const MAX_HTTP_HEAD: usize = 16 << 10;
 
@@ -34,8 +36,9 @@ pub struct RelayTarget {
     /// Host name for the `Host` header (and SNI unless `tls.server_name` says otherwise).
     pub host: String,
     pub port: u16,
-    /// Connect to this address instead of resolving `host`.
-    pub dial_addr: Option<SocketAddr>,
+    /// Connect to these addresses (in this order, staggered: the first to answer wins)
+    /// instead of resolving `host`.
+    pub dial_addrs: Vec<SocketAddr>,
     /// `None` = plain HTTP (development only).
     pub tls: Option<TlsSettings>,
     /// Use a WebSocket (subprotocol `derp`) instead of the `Upgrade: DERP` request.
@@ -71,7 +74,7 @@ impl RelayTarget {
             return Err(err("empty host"));
         }
         Ok(RelayTarget {
-            dial_addr: None,
+            dial_addrs: Vec::new(),
             tls: tls.then(|| TlsSettings {
                 server_name: host.clone(),
                 verify: TlsVerify::SystemRoots,
@@ -83,8 +86,9 @@ impl RelayTarget {
     }
 
     /// The target for a relay-map node: TLS to `HostName:DERPPort`, honouring `CertName`
-    /// (SNI, or a `sha256-raw:` pin) and `InsecureForTests`; dials the fixed `IPv4` (else
-    /// `IPv6`) address when one is given.
+    /// (SNI, or a `sha256-raw:` pin) and `InsecureForTests`; dials the fixed `IPv4` and
+    /// `IPv6` addresses when given (IPv4 first, IPv6 a moment later), else resolves
+    /// `HostName`.
     pub fn from_node(node: &RelayNode) -> Self {
         let mut server_name = node.host_name.clone();
         let mut verify = TlsVerify::SystemRoots;
@@ -100,15 +104,17 @@ impl RelayTarget {
             verify = TlsVerify::InsecureForTests;
         }
         let port = node.derp_port();
-        let dial_addr = match (node.ipv4_addr(), node.ipv6_addr()) {
-            (NodeAddr::Fixed(v4), _) => Some(SocketAddr::new(v4.into(), port)),
-            (_, NodeAddr::Fixed(v6)) => Some(SocketAddr::new(v6.into(), port)),
-            _ => None,
-        };
+        let mut dial_addrs = Vec::new();
+        if let NodeAddr::Fixed(v4) = node.ipv4_addr() {
+            dial_addrs.push(SocketAddr::new(v4.into(), port));
+        }
+        if let NodeAddr::Fixed(v6) = node.ipv6_addr() {
+            dial_addrs.push(SocketAddr::new(v6.into(), port));
+        }
         RelayTarget {
             host: node.host_name.clone(),
             port,
-            dial_addr,
+            dial_addrs,
             tls: Some(TlsSettings {
                 server_name,
                 verify,
@@ -201,25 +207,64 @@ async fn dial(target: &RelayTarget, name: &str) -> Result<TcpStream, ConnectErro
         target: name.to_string(),
         source,
     };
-    let addrs: Vec<SocketAddr> = match target.dial_addr {
-        Some(a) => vec![a],
-        None => tokio::net::lookup_host((target.host.as_str(), target.port))
+    let addrs: Vec<SocketAddr> = if target.dial_addrs.is_empty() {
+        tokio::net::lookup_host((target.host.as_str(), target.port))
             .await
             .map_err(dial_err)?
-            .collect(),
+            .collect()
+    } else {
+        target.dial_addrs.clone()
     };
+    race_connect(&addrs, DIAL_STAGGER, DIAL_ATTEMPT_TIMEOUT)
+        .await
+        .map_err(dial_err)
+}
+
+/// Connects to the first of `addrs` that answers. Attempts start `stagger` apart, or at
+/// once when every earlier one has failed (so a refused IPv4 costs no wait, and a
+/// silently dropped one costs `stagger` before IPv6 is tried).
+async fn race_connect(
+    addrs: &[SocketAddr],
+    stagger: Duration,
+    attempt_timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut pending = addrs.iter().copied();
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
-    for addr in addrs {
-        match tokio::time::timeout(DIAL_ATTEMPT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
+    let mut start_next = true;
+    loop {
+        if start_next {
+            if let Some(addr) = pending.next() {
+                attempts.spawn(async move {
+                    match tokio::time::timeout(attempt_timeout, TcpStream::connect(addr)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer from {addr} within {attempt_timeout:?}"),
+                        )),
+                    }
+                });
             }
-            Ok(Err(e)) => last = e,
-            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "dial timed out"),
+        }
+        if attempts.is_empty() {
+            return Err(last);
+        }
+        let more = pending.len() > 0;
+        tokio::select! {
+            done = attempts.join_next() => match done {
+                Some(Ok(Ok(s))) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s); // dropping the set aborts the other attempts
+                }
+                Some(Ok(Err(e))) => {
+                    last = e;
+                    start_next = attempts.is_empty();
+                }
+                _ => start_next = attempts.is_empty(),
+            },
+            _ = tokio::time::sleep(stagger), if more => start_next = true,
         }
     }
-    Err(dial_err(last))
 }
 
 async fn connect_inner(
@@ -535,6 +580,78 @@ impl RelayWriter {
 mod tests {
     use super::*;
 
+    /// A loopback address whose SYNs go unanswered: a listener with a full accept queue
+    /// (kept alive with the connections filling it).
+    async fn silent() -> (tokio::net::TcpListener, Vec<TcpStream>, SocketAddr) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let listener = sock.listen(0).unwrap();
+        // Fill the queue (Linux takes backlog + 1); then SYNs are dropped.
+        let mut fill = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                fill.push(c);
+            }
+        }
+        let probe =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await;
+        assert!(probe.is_err(), "the full listener still answered");
+        (listener, fill, addr)
+    }
+
+    #[tokio::test]
+    async fn race_connect_moves_on_from_refused_and_silent_addresses() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap() // closed again when `l` drops
+        };
+        // Refused first: the next address is tried at once, not after the stagger.
+        let t0 = tokio::time::Instant::now();
+        let s = race_connect(
+            &[refused, live_addr],
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), live_addr);
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+
+        // Silent first (IPv4 blackholed, say): the next starts after the stagger and
+        // wins long before the first attempt would time out.
+        let (_keep, _fill, quiet) = silent().await;
+        let t0 = tokio::time::Instant::now();
+        let s = race_connect(
+            &[quiet, live_addr],
+            Duration::from_millis(50),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), live_addr);
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+
+        // Nothing answers: the last error.
+        let err = race_connect(
+            &[refused],
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(
+            race_connect(&[], Duration::from_millis(50), Duration::from_secs(1))
+                .await
+                .is_err()
+        );
+    }
+
     #[test]
     fn parses_relay_urls() {
         let t = RelayTarget::parse_url("https://derp.example.com").unwrap();
@@ -569,7 +686,7 @@ mod tests {
             ..Default::default()
         };
         let t = RelayTarget::from_node(&node);
-        assert_eq!(t.dial_addr, Some("203.0.113.10:8443".parse().unwrap()));
+        assert_eq!(t.dial_addrs, vec!["203.0.113.10:8443".parse().unwrap()]);
         let tls = t.tls.unwrap();
         assert_eq!(tls.server_name, "derp.example.com");
         assert!(matches!(tls.verify, TlsVerify::PinnedSha256(h) if h == [0xab; 32]));

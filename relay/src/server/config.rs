@@ -319,7 +319,7 @@ fn mesh_target(
                 .trim_matches(|c| c == '[' || c == ']')
                 .parse()
                 .with_context(|| format!("mesh dial address {d:?} must be an IP address"))?;
-            t.dial_addr = Some(SocketAddr::new(ip, t.port));
+            t.dial_addrs = vec![SocketAddr::new(ip, t.port)];
         }
         t
     };
@@ -474,7 +474,7 @@ mod tests {
     fn mesh_entries_parse() {
         let t = mesh_target("derp2.example.com/192.0.2.7", false, None).unwrap();
         assert_eq!(t.host, "derp2.example.com");
-        assert_eq!(t.dial_addr, Some("192.0.2.7:443".parse().unwrap()));
+        assert_eq!(t.dial_addrs, vec!["192.0.2.7:443".parse().unwrap()]);
         assert!(t.tls.is_some());
         let t = mesh_target("127.0.0.1:3341", true, None).unwrap();
         assert!(t.tls.is_none());

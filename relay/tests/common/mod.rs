@@ -54,7 +54,7 @@ pub fn target(addr: SocketAddr, cert: Option<&TestCert>, websocket: bool) -> Rel
     RelayTarget {
         host: "localhost".into(),
         port: addr.port(),
-        dial_addr: Some(addr),
+        dial_addrs: vec![addr],
         tls: cert.map(|c| TlsSettings {
             server_name: "localhost".into(),
             verify: TlsVerify::Roots(vec![c.der.clone()]),
