@@ -94,6 +94,7 @@ pub struct Counters {
     pub send_no_path: u64,
     pub stalled_dropped: u64,
     pub udp_send_errors: u64,
+    pub tun_write_errors: u64,
     pub relay_packets_in: u64,
     pub peers_over_limit: u64,
 }
@@ -113,6 +114,7 @@ impl Counters {
             ("send_no_path", self.send_no_path),
             ("stalled_dropped", self.stalled_dropped),
             ("udp_send_errors", self.udp_send_errors),
+            ("tun_write_errors", self.tun_write_errors),
             ("relay_packets_in", self.relay_packets_in),
             ("peers_over_limit", self.peers_over_limit),
             ("relay_sent", relays.sent),
@@ -251,7 +253,11 @@ struct Engine {
     routes: RouteTable,
     next_index: u32,
     tun: Option<Arc<TunDevice>>,
-    tun_out: Option<mpsc::Sender<Vec<u8>>>,
+    /// Decrypted packets waiting to be written to the TUN device (at the end of the
+    /// batch being handled, or when BATCH have gathered): written by the engine itself,
+    /// one task fewer on the receive path.
+    tun_out: Vec<Vec<u8>>,
+    tun_write: SendBatch,
     endpoints: Vec<SocketAddr>,
     heard: HeardMap,
     reported_home: i32,
@@ -305,7 +311,8 @@ impl Engine {
             routes: RouteTable::default(),
             next_index: 1,
             tun: None,
-            tun_out: None,
+            tun_out: Vec::new(),
+            tun_write: SendBatch::default(),
             endpoints: Vec::new(),
             heard: Arc::default(),
             reported_home: 0,
@@ -466,11 +473,8 @@ impl Engine {
                         if self.tun.is_none() {
                             if let Some(tun) = self.create_tun(&cfg, &nm)? {
                                 let tun = Arc::new(tun);
-                                let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
                                 tun_tasks.push(spawn_tun_reader(Arc::clone(&tun), tun_in_tx.clone()));
-                                tun_tasks.push(spawn_tun_writer(Arc::clone(&tun), out_rx));
                                 self.tun = Some(tun);
-                                self.tun_out = Some(out_tx);
                             }
                         }
                         self.apply_netmap(&nm);
@@ -568,6 +572,7 @@ impl Engine {
                 self.relays.close_idle(now);
                 next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
             }
+            self.flush_tun().await;
             self.flush_stalled(now).await;
             self.drive_peers(now).await;
             self.flush_udp().await;
@@ -696,7 +701,7 @@ impl Engine {
     /// connections. The socket and the netcheck task stay, ready for `agentctl up`.
     fn go_down(&mut self) {
         self.session = None;
-        self.tun_out = None;
+        self.tun_out.clear();
         self.tun = None;
         self.peers.clear();
         self.dirty.clear();
@@ -1277,7 +1282,7 @@ impl Engine {
         for b in send {
             self.send_to_peer(key, b, now).await;
         }
-        if let Some(out) = &self.tun_out {
+        if self.tun.is_some() {
             for d in deliver {
                 // Only packets from the addresses this peer owns reach the OS.
                 let ok = routes::source(&d).is_some_and(|s| self.routes.lookup(s) == Some(key));
@@ -1289,9 +1294,26 @@ impl Engine {
                         .or_default() += 1;
                     continue;
                 }
-                let _ = out.try_send(d);
+                self.tun_out.push(d);
+            }
+            if self.tun_out.len() >= BATCH {
+                self.flush_tun().await;
             }
         }
+    }
+
+    /// Writes the decrypted packets gathered so far to the TUN device.
+    async fn flush_tun(&mut self) {
+        if self.tun_out.is_empty() {
+            return;
+        }
+        if let Some(tun) = &self.tun {
+            if let Err(e) = tun.send_batch(&mut self.tun_write, &self.tun_out).await {
+                self.counters.tun_write_errors += 1;
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        }
+        self.tun_out.clear();
     }
 
     async fn on_disco(&mut self, pkt: &[u8], via: crate::peer::Via, relay_src: Option<NodePublic>) {
@@ -1447,19 +1469,6 @@ fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<Vec<u8>>>) -> Abor
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-        }
-    }))
-}
-
-fn spawn_tun_writer(tun: Arc<TunDevice>, mut rx: mpsc::Receiver<Vec<u8>>) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        let mut state = SendBatch::default();
-        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
-        while rx.recv_many(&mut batch, BATCH).await > 0 {
-            if let Err(e) = tun.send_batch(&mut state, &batch).await {
-                tracing::debug!(error = %e, "TUN write failed");
-            }
-            batch.clear();
         }
     }))
 }
