@@ -36,9 +36,11 @@ pub struct RelayTarget {
     /// Host name for the `Host` header (and SNI unless `tls.server_name` says otherwise).
     pub host: String,
     pub port: u16,
-    /// Connect to these addresses (in this order, staggered: the first to answer wins)
-    /// instead of resolving `host`.
+    /// Connect to these addresses (IPv4 before IPv6, staggered: the first to answer
+    /// wins)…
     pub dial_addrs: Vec<SocketAddr>,
+    /// …and to what `host` resolves to in these families (IPv4, IPv6).
+    pub resolve: (bool, bool),
     /// `None` = plain HTTP (development only).
     pub tls: Option<TlsSettings>,
     /// Use a WebSocket (subprotocol `derp`) instead of the `Upgrade: DERP` request.
@@ -75,6 +77,7 @@ impl RelayTarget {
         }
         Ok(RelayTarget {
             dial_addrs: Vec::new(),
+            resolve: (true, true),
             tls: tls.then(|| TlsSettings {
                 server_name: host.clone(),
                 verify: TlsVerify::SystemRoots,
@@ -86,9 +89,9 @@ impl RelayTarget {
     }
 
     /// The target for a relay-map node: TLS to `HostName:DERPPort`, honouring `CertName`
-    /// (SNI, or a `sha256-raw:` pin) and `InsecureForTests`; dials the fixed `IPv4` and
-    /// `IPv6` addresses when given (IPv4 first, IPv6 a moment later), else resolves
-    /// `HostName`.
+    /// (SNI, or a `sha256-raw:` pin) and `InsecureForTests`. Each family's address is the
+    /// fixed `IPv4`/`IPv6` when given, none when it is `"none"`, else what `HostName`
+    /// resolves to; IPv4 is dialled first, IPv6 a moment later.
     pub fn from_node(node: &RelayNode) -> Self {
         let mut server_name = node.host_name.clone();
         let mut verify = TlsVerify::SystemRoots;
@@ -105,16 +108,22 @@ impl RelayTarget {
         }
         let port = node.derp_port();
         let mut dial_addrs = Vec::new();
-        if let NodeAddr::Fixed(v4) = node.ipv4_addr() {
-            dial_addrs.push(SocketAddr::new(v4.into(), port));
+        let (v4, v6) = (node.ipv4_addr(), node.ipv6_addr());
+        if let NodeAddr::Fixed(ip) = v4 {
+            dial_addrs.push(SocketAddr::new(ip.into(), port));
         }
-        if let NodeAddr::Fixed(v6) = node.ipv6_addr() {
-            dial_addrs.push(SocketAddr::new(v6.into(), port));
+        if let NodeAddr::Fixed(ip) = v6 {
+            dial_addrs.push(SocketAddr::new(ip.into(), port));
         }
+        let resolve = (
+            matches!(v4, NodeAddr::Resolve),
+            matches!(v6, NodeAddr::Resolve),
+        );
         RelayTarget {
             host: node.host_name.clone(),
             port,
             dial_addrs,
+            resolve,
             tls: Some(TlsSettings {
                 server_name,
                 verify,
@@ -207,34 +216,53 @@ async fn dial(target: &RelayTarget, name: &str) -> Result<TcpStream, ConnectErro
         target: name.to_string(),
         source,
     };
-    let addrs: Vec<SocketAddr> = if target.dial_addrs.is_empty() {
-        tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(dial_err)?
-            .collect()
-    } else {
-        target.dial_addrs.clone()
+    let mut fixed = target.dial_addrs.clone();
+    // IPv4 first.
+    fixed.sort_by_key(|a| a.is_ipv6());
+    let (want4, want6) = target.resolve;
+    // The lookup runs beside the fixed addresses' attempts, so a slow or broken DNS
+    // never delays them.
+    let lookup = async move {
+        if !(want4 || want6) {
+            return Ok(Vec::new());
+        }
+        let mut found: Vec<SocketAddr> =
+            tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await?
+                .filter(|a| if a.is_ipv4() { want4 } else { want6 })
+                .collect();
+        found.sort_by_key(|a| a.is_ipv6());
+        Ok(found)
     };
-    race_connect(&addrs, DIAL_STAGGER, DIAL_ATTEMPT_TIMEOUT)
+    race_connect(fixed, lookup, DIAL_STAGGER, DIAL_ATTEMPT_TIMEOUT)
         .await
         .map_err(dial_err)
 }
 
-/// Connects to the first of `addrs` that answers. Attempts start `stagger` apart, or at
-/// once when every earlier one has failed (so a refused IPv4 costs no wait, and a
-/// silently dropped one costs `stagger` before IPv6 is tried).
+/// Connects to the first address that answers: `addrs` in order, then what `more`
+/// yields (when it comes). Attempts start `stagger` apart, and the next one at once when
+/// one fails (RFC 8305's pacing): a refused IPv4 costs no wait, a silently dropped one
+/// costs `stagger` before IPv6 is tried.
 async fn race_connect(
-    addrs: &[SocketAddr],
+    addrs: Vec<SocketAddr>,
+    more: impl std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
     stagger: Duration,
     attempt_timeout: Duration,
 ) -> std::io::Result<TcpStream> {
     let mut attempts = tokio::task::JoinSet::new();
-    let mut pending = addrs.iter().copied();
+    let mut pending: std::collections::VecDeque<SocketAddr> = addrs.into();
+    let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses");
     let mut start_next = true;
+    let next_start = tokio::time::sleep(stagger);
+    tokio::pin!(next_start);
+    tokio::pin!(more);
+    let mut waiting_for_more = true;
     loop {
         if start_next {
-            if let Some(addr) = pending.next() {
+            start_next = false;
+            if let Some(addr) = pending.pop_front() {
+                tried.push(addr);
                 attempts.spawn(async move {
                     match tokio::time::timeout(attempt_timeout, TcpStream::connect(addr)).await {
                         Ok(r) => r,
@@ -244,25 +272,44 @@ async fn race_connect(
                         )),
                     }
                 });
+                next_start
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + stagger);
             }
         }
-        if attempts.is_empty() {
+        if attempts.is_empty() && pending.is_empty() && !waiting_for_more {
             return Err(last);
         }
-        let more = pending.len() > 0;
+        let queued = !pending.is_empty();
         tokio::select! {
-            done = attempts.join_next() => match done {
+            done = attempts.join_next(), if !attempts.is_empty() => match done {
                 Some(Ok(Ok(s))) => {
                     let _ = s.set_nodelay(true);
                     return Ok(s); // dropping the set aborts the other attempts
                 }
                 Some(Ok(Err(e))) => {
                     last = e;
-                    start_next = attempts.is_empty();
+                    start_next = true;
                 }
-                _ => start_next = attempts.is_empty(),
+                Some(Err(e)) => {
+                    last = std::io::Error::other(e);
+                    start_next = true;
+                }
+                None => {}
             },
-            _ = tokio::time::sleep(stagger), if more => start_next = true,
+            found = &mut more, if waiting_for_more => {
+                waiting_for_more = false;
+                match found {
+                    Ok(found) => {
+                        pending.extend(found.into_iter().filter(|a| !tried.contains(a)));
+                        // Nothing running: start at once.
+                        start_next = attempts.is_empty();
+                    }
+                    Err(e) if tried.is_empty() && pending.is_empty() => last = e,
+                    Err(_) => {}
+                }
+            },
+            _ = &mut next_start, if queued => start_next = true,
         }
     }
 }
@@ -602,6 +649,10 @@ mod tests {
         (listener, fill, addr)
     }
 
+    async fn none() -> std::io::Result<Vec<SocketAddr>> {
+        Ok(Vec::new())
+    }
+
     #[tokio::test]
     async fn race_connect_moves_on_from_refused_and_silent_addresses() {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -613,7 +664,8 @@ mod tests {
         // Refused first: the next address is tried at once, not after the stagger.
         let t0 = tokio::time::Instant::now();
         let s = race_connect(
-            &[refused, live_addr],
+            vec![refused, live_addr],
+            none(),
             Duration::from_secs(5),
             Duration::from_secs(5),
         )
@@ -627,7 +679,8 @@ mod tests {
         let (_keep, _fill, quiet) = silent().await;
         let t0 = tokio::time::Instant::now();
         let s = race_connect(
-            &[quiet, live_addr],
+            vec![quiet, live_addr],
+            none(),
             Duration::from_millis(50),
             Duration::from_secs(20),
         )
@@ -638,18 +691,48 @@ mod tests {
 
         // Nothing answers: the last error.
         let err = race_connect(
-            &[refused],
+            vec![refused],
+            none(),
             Duration::from_millis(50),
             Duration::from_secs(1),
         )
         .await
         .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-        assert!(
-            race_connect(&[], Duration::from_millis(50), Duration::from_secs(1))
-                .await
-                .is_err()
-        );
+        assert!(race_connect(
+            Vec::new(),
+            none(),
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        )
+        .await
+        .is_err());
+        // A lookup that never ends does not hold up the fixed addresses; one that comes
+        // late adds its addresses to the race.
+        let s = race_connect(
+            vec![live_addr],
+            std::future::pending(),
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), live_addr);
+        let late = async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(vec![live_addr])
+        };
+        let t0 = tokio::time::Instant::now();
+        let s = race_connect(
+            vec![quiet],
+            late,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), live_addr);
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 
     #[test]
@@ -687,6 +770,8 @@ mod tests {
         };
         let t = RelayTarget::from_node(&node);
         assert_eq!(t.dial_addrs, vec!["203.0.113.10:8443".parse().unwrap()]);
+        // IPv6 unset: looked up; "none" would switch it off.
+        assert_eq!(t.resolve, (false, true));
         let tls = t.tls.unwrap();
         assert_eq!(tls.server_name, "derp.example.com");
         assert!(matches!(tls.verify, TlsVerify::PinnedSha256(h) if h == [0xab; 32]));

@@ -320,6 +320,7 @@ fn mesh_target(
                 .parse()
                 .with_context(|| format!("mesh dial address {d:?} must be an IP address"))?;
             t.dial_addrs = vec![SocketAddr::new(ip, t.port)];
+            t.resolve = (false, false);
         }
         t
     };

@@ -55,6 +55,7 @@ pub fn target(addr: SocketAddr, cert: Option<&TestCert>, websocket: bool) -> Rel
         host: "localhost".into(),
         port: addr.port(),
         dial_addrs: vec![addr],
+        resolve: (false, false),
         tls: cert.map(|c| TlsSettings {
             server_name: "localhost".into(),
             verify: TlsVerify::Roots(vec![c.der.clone()]),
