@@ -1081,8 +1081,7 @@ impl Engine {
         let region = p.home_region;
         let mut sent = false;
         if let Some(addr) = udp {
-            self.queue_udp(addr, &datagram).await;
-            sent = true;
+            sent = self.queue_udp(addr, &datagram).await;
         }
         if (relay || !sent) && region > 0 {
             sent |= self.relays.send(region, key, datagram.clone(), now);
@@ -1098,11 +1097,12 @@ impl Engine {
     }
 
     /// Queues a WireGuard datagram for `to`: runs of same-size datagrams to one address
-    /// leave together in one system call ([`Engine::flush_udp`]).
-    async fn queue_udp(&mut self, to: SocketAddr, d: &[u8]) {
+    /// leave together in one system call ([`Engine::flush_udp`]). False when there is no
+    /// socket for `to`'s family (the caller falls back to the relay).
+    async fn queue_udp(&mut self, to: SocketAddr, d: &[u8]) -> bool {
         let Some(io) = self.io_for(to) else {
             self.counters.udp_send_errors += 1;
-            return;
+            return false;
         };
         let max = io.max_segments();
         let fits = self.gso.as_ref().is_some_and(|g| {
@@ -1126,6 +1126,7 @@ impl Engine {
         g.count += 1;
         // A shorter datagram can only be the last of a run.
         g.closed = d.len() < g.segment;
+        true
     }
 
     /// The socket for datagrams to `to` (None: an IPv6 address on a host without IPv6).

@@ -85,7 +85,9 @@ impl std::fmt::Debug for Peer {
 fn endpoints(node: &Node) -> Vec<SocketAddr> {
     node.endpoints
         .iter()
-        .filter_map(|e| e.parse().ok())
+        .filter_map(|e| e.parse::<SocketAddr>().ok())
+        // `[::ffff:a.b.c.d]:p` is an IPv4 endpoint: it goes out on the IPv4 socket.
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
         .collect()
 }
 

@@ -10,10 +10,13 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use windows_service::service::{
-    ServiceAccess, ServiceControl, ServiceControlAccept, ServiceErrorControl, ServiceExitCode,
+    ServiceAccess, ServiceAction, ServiceActionType, ServiceControl, ServiceControlAccept,
+    ServiceErrorControl, ServiceExitCode, ServiceFailureActions, ServiceFailureResetPeriod,
     ServiceInfo, ServiceStartType, ServiceState, ServiceStatus, ServiceType,
 };
-use windows_service::service_control_handler::{self, ServiceControlHandlerResult};
+use windows_service::service_control_handler::{
+    self, ServiceControlHandlerResult, ServiceStatusHandle,
+};
 use windows_service::service_manager::{ServiceManager, ServiceManagerAccess};
 
 use super::{run, InstallOptions, Runner, ServiceRun, Settings, Shutdown};
@@ -37,13 +40,34 @@ fn settings_path() -> PathBuf {
     data_dir().join("agentd.conf")
 }
 
-/// Creates `%ProgramData%\agentd` closed to all but LocalSystem and Administrators
-/// (well-known SIDs, so the names' language does not matter).
+/// Makes `%ProgramData%\agentd` a folder only LocalSystem and Administrators can use,
+/// whoever created it: ordinary users may create folders in ProgramData, so one could
+/// have made it first (or made it a link elsewhere) to read the keys later. A link or
+/// file there is refused; an existing folder gets Administrators as owner and its access
+/// lists replaced, down to every file in it (well-known SIDs: any language).
 fn private_dir() -> anyhow::Result<PathBuf> {
+    use std::os::windows::fs::MetadataExt as _;
+    const FILE_ATTRIBUTE_REPARSE_POINT: u32 = 0x400;
     let dir = data_dir();
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() && m.file_attributes() & FILE_ATTRIBUTE_REPARSE_POINT == 0 => {}
+        Ok(_) => anyhow::bail!(
+            "{} is a link or a file, not a folder: remove it, then install again",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?,
+        Err(e) => anyhow::bail!("reading {}: {e}", dir.display()),
+    }
     let d = dir.display().to_string();
+    // /L: act on links themselves, never follow them.
+    run(
+        "icacls",
+        &[&d, "/setowner", "*S-1-5-32-544", "/T", "/C", "/L", "/Q"],
+    )?;
+    // Explicit entries anyone added go; what is left is inherited…
+    run("icacls", &[&d, "/reset", "/T", "/C", "/L", "/Q"])?;
+    // …and the folder stops inheriting, so SYSTEM and Administrators are all there is.
     run(
         "icacls",
         &[
@@ -51,11 +75,23 @@ fn private_dir() -> anyhow::Result<PathBuf> {
             "/inheritance:r",
             "/grant:r",
             "*S-1-5-18:(OI)(CI)F",
-            "/grant:r",
             "*S-1-5-32-544:(OI)(CI)F",
+            "/Q",
         ],
     )?;
     Ok(dir)
+}
+
+/// Appends a line to the service's log (for failures before logging is set up).
+fn log_line(line: &str) {
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir().join("agentd.log"))
+    {
+        let _ = writeln!(f, "agentd service: {line}");
+    }
 }
 
 fn info(exe: &Path) -> ServiceInfo {
@@ -82,7 +118,7 @@ pub fn install(o: &InstallOptions) -> anyhow::Result<String> {
     let mut done = Vec::new();
     private_dir()?;
     if o.login_server.is_some() || o.auth_key.is_some() {
-        let mut s = Settings::read(&settings_path()).unwrap_or_default();
+        let mut s = Settings::read(&settings_path())?;
         if let Some(u) = &o.login_server {
             s.login_server = Some(u.clone());
         }
@@ -113,6 +149,20 @@ pub fn install(o: &InstallOptions) -> anyhow::Result<String> {
         }
     };
     service.set_description(DESCRIPTION)?;
+    // Restarted when it fails, as systemd's Restart=on-failure and launchd's KeepAlive do.
+    service.update_failure_actions(ServiceFailureActions {
+        reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(24 * 3600)),
+        reboot_msg: None,
+        command: None,
+        actions: Some(vec![
+            ServiceAction {
+                action_type: ServiceActionType::Restart,
+                delay: Duration::from_secs(5),
+            };
+            3
+        ]),
+    })?;
+    service.set_failure_actions_on_non_crash_failures(true)?;
     if o.start && service.query_status()?.current_state == ServiceState::Stopped {
         service.start::<&str>(&[])?;
         done.push(format!("started {NAME}"));
@@ -181,8 +231,14 @@ pub fn run_service(runner: Runner) -> anyhow::Result<()> {
 fn service_main(_args: Vec<OsString>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let tx = Mutex::new(Some(tx));
+    // The handler reports StopPending itself, so it needs the handle registered below.
+    let handle: std::sync::Arc<OnceLock<ServiceStatusHandle>> = std::sync::Arc::default();
+    let for_handler = std::sync::Arc::clone(&handle);
     let handler = move |event| match event {
         ServiceControl::Stop | ServiceControl::Shutdown | ServiceControl::Preshutdown => {
+            if let Some(h) = for_handler.get() {
+                set_state(*h, ServiceState::StopPending, 0);
+            }
             if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
                 let _ = tx.send(());
             }
@@ -194,22 +250,15 @@ fn service_main(_args: Vec<OsString>) {
     let Ok(status) = service_control_handler::register(NAME, handler) else {
         return;
     };
-    let report = |state, accept, code| {
-        let _ = status.set_service_status(ServiceStatus {
-            service_type: KIND,
-            current_state: state,
-            controls_accepted: accept,
-            exit_code: ServiceExitCode::Win32(code),
-            checkpoint: 0,
-            wait_hint: Duration::from_secs(10),
-            process_id: None,
-        });
-    };
-    report(
-        ServiceState::Running,
-        ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
-        0,
-    );
+    let _ = handle.set(status);
+    // Whatever happened to the folder since install, it is private again before the
+    // keys are read; if that cannot be done, agentd does not run.
+    if let Err(e) = private_dir() {
+        log_line(&format!("not starting: {e:#}"));
+        set_state(status, ServiceState::Stopped, 1);
+        return;
+    }
+    set_state(status, ServiceState::Running, 0);
     let shutdown: Shutdown = Box::pin(async move {
         let _ = rx.await;
     });
@@ -218,11 +267,34 @@ fn service_main(_args: Vec<OsString>) {
         state_dir: data_dir().join("state"),
         log_file: Some(data_dir().join("agentd.log")),
     };
-    let ok = RUNNER.get().is_some_and(|run| run(how, shutdown).is_ok());
-    // ERROR_SERVICE_SPECIFIC_ERROR would need a code of ours; a generic failure will do.
-    report(
-        ServiceState::Stopped,
-        ServiceControlAccept::empty(),
-        if ok { 0 } else { 1 },
-    );
+    let result = match RUNNER.get() {
+        Some(run) => run(how, shutdown),
+        None => Err(anyhow::anyhow!("internal: no runner")),
+    };
+    // A non-zero exit code makes the service manager apply the failure actions.
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            log_line(&format!("stopped: {e:#}"));
+            1
+        }
+    };
+    set_state(status, ServiceState::Stopped, code);
+}
+
+fn set_state(status: ServiceStatusHandle, state: ServiceState, code: u32) {
+    let accept = if state == ServiceState::Running {
+        ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN
+    } else {
+        ServiceControlAccept::empty()
+    };
+    let _ = status.set_service_status(ServiceStatus {
+        service_type: KIND,
+        current_state: state,
+        controls_accepted: accept,
+        exit_code: ServiceExitCode::Win32(code),
+        checkpoint: 0,
+        wait_hint: Duration::from_secs(10),
+        process_id: None,
+    });
 }
