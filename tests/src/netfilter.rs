@@ -5,7 +5,8 @@
 //! priority — before conntrack and NAT, so the addresses matched are the ones on the wire
 //! where the namespace sees them (a router sees its LAN hosts' private addresses coming in
 //! and its own public address going out). Blackholed packets are dropped before any counter,
-//! so counters count what actually passed.
+//! so counters count what actually passed. Counters match either family (the table is
+//! `inet`); blackholes take IPv4 address pairs only, so they never cut an IPv6 path.
 
 use std::net::Ipv4Addr;
 
