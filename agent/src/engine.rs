@@ -421,7 +421,9 @@ impl Engine {
         let mut netcheck_waiters: Vec<
             tokio::sync::oneshot::Sender<proto::localapi::NetcheckResult>,
         > = Vec::new();
-        let mut local_addrs = crate::interfaces::local_addresses(self.sock6.is_some());
+        let mut local_net = crate::interfaces::network_fingerprint(
+            &crate::interfaces::local_addresses(self.sock6.is_some()),
+        );
 
         loop {
             let next_peer = self
@@ -582,11 +584,14 @@ impl Engine {
             if tokio::time::Instant::now() >= next_netmon {
                 next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
                 let addrs = crate::interfaces::local_addresses(self.sock6.is_some());
-                if addrs != local_addrs {
+                let net = crate::interfaces::network_fingerprint(&addrs);
+                if net != local_net {
                     // The network changed: measure again now (a full report), ask the
-                    // router for a mapping again, and look for direct paths anew.
+                    // router for a mapping again, and look for direct paths anew. (New
+                    // addresses within the same networks reach the endpoints with the
+                    // next regular report.)
                     tracing::info!(?addrs, "network changed");
-                    local_addrs = addrs;
+                    local_net = net;
                     let _ = renetcheck_tx.try_send(());
                     portmapper.retry();
                     for p in self.peers.values_mut() {

@@ -50,6 +50,26 @@ pub fn local_addresses(with_v6: bool) -> Vec<IpAddr> {
     out
 }
 
+/// What a network change is judged by: the IPv4 addresses, and the /64 prefixes of the
+/// IPv6 ones. IPv6 privacy addresses (RFC 8981) rotate within their /64 every day or so;
+/// that is not a new network and must not restart netcheck and path discovery.
+pub fn network_fingerprint(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = addrs
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(_) => *ip,
+            IpAddr::V6(v6) => {
+                let mut s = v6.segments();
+                s[4..].fill(0);
+                IpAddr::V6(Ipv6Addr::from(s))
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +91,25 @@ mod tests {
         assert!(!usable("ff02::1"));
         assert!(usable("2001:db8:5::10"));
         assert!(usable("fd00:1::2"));
+    }
+
+    #[test]
+    fn a_rotated_privacy_address_is_the_same_network() {
+        let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let before = ips(&[
+            "10.0.0.5",
+            "2001:db8:1:2::10",
+            "2001:db8:1:2:a1b2:c3d4:e5f6:1",
+        ]);
+        let rotated = ips(&[
+            "10.0.0.5",
+            "2001:db8:1:2::10",
+            "2001:db8:1:2:9999:8888:7777:2",
+        ]);
+        assert_eq!(network_fingerprint(&before), network_fingerprint(&rotated));
+        let moved = ips(&["10.0.0.5", "2001:db8:1:3::10"]);
+        assert_ne!(network_fingerprint(&before), network_fingerprint(&moved));
+        let new_v4 = ips(&["10.0.0.6", "2001:db8:1:2::10"]);
+        assert_ne!(network_fingerprint(&before), network_fingerprint(&new_v4));
     }
 }
