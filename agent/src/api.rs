@@ -5,10 +5,9 @@
 //!
 //! The socket is created mode 0660, group `agentd` when that group exists, so root and
 //! members of the group can use agentctl. A stale socket file (left by a crash) is
-//! replaced; a live one (another agentd) is an error. The named pipe keeps Windows'
-//! default security (full access for LocalSystem, Administrators and its creator; others
-//! may only read, so cannot send a request), refuses remote clients, and is claimed as a
-//! first instance: a second agentd fails instead of sharing it.
+//! replaced; a live one (another agentd) is an error. The named pipe admits LocalSystem and
+//! Administrators only (`winpipe.rs`), refuses remote clients, and is claimed as a first
+//! instance: a second agentd fails instead of sharing it.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -121,11 +120,17 @@ pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServ
     use tokio::net::windows::named_pipe::{NamedPipeServer, ServerOptions};
 
     let name = path.as_os_str().to_owned();
+    let security = crate::winpipe::PipeSecurity::admins_only();
+    if security.is_none() {
+        tracing::warn!("cannot build the pipe's access list; Windows' default security applies");
+    }
     let create = move |first: bool| -> std::io::Result<NamedPipeServer> {
-        ServerOptions::new()
-            .first_pipe_instance(first)
-            .reject_remote_clients(true)
-            .create(&name)
+        let mut opts = ServerOptions::new();
+        opts.first_pipe_instance(first).reject_remote_clients(true);
+        match &security {
+            Some(s) => s.create(&opts, &name),
+            None => opts.create(&name),
+        }
     };
     let mut next = create(true).with_context(|| {
         format!(
@@ -140,13 +145,19 @@ pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServ
             if next.connect().await.is_err() {
                 match create(false) {
                     Ok(p) => next = p,
-                    Err(_) => return,
+                    Err(e) => {
+                        tracing::error!(error = %e, "local API pipe lost; agentctl cannot reach agentd");
+                        return;
+                    }
                 }
                 continue;
             }
             let conn = match create(false) {
                 Ok(p) => std::mem::replace(&mut next, p),
-                Err(_) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "local API pipe lost; agentctl cannot reach agentd");
+                    return;
+                }
             };
             let Ok(permit) = std::sync::Arc::clone(&limit).acquire_owned().await else {
                 return;

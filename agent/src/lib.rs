@@ -13,3 +13,5 @@ pub mod sock;
 pub mod state;
 pub mod tundev;
 pub mod wg;
+#[cfg(windows)]
+mod winpipe;
