@@ -19,7 +19,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -1063,27 +1065,37 @@ impl Lab {
 
     /// Drops UDP between `a` and `b` (both directions) as seen in `node`, until
     /// [`Lab::unblock_udp`].
-    pub fn block_udp(&self, node: &Node, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+    pub fn block_udp(&self, node: &Node, a: impl Into<IpAddr>, b: impl Into<IpAddr>) -> Result<()> {
         self.ensure_labctl(node)?;
-        netfilter::block(&node.ns, Blocked::Udp, a, b)
+        netfilter::block(&node.ns, Blocked::Udp, a.into(), b.into())
     }
 
     /// Lets UDP between `a` and `b` through `node` again.
-    pub fn unblock_udp(&self, node: &Node, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+    pub fn unblock_udp(
+        &self,
+        node: &Node,
+        a: impl Into<IpAddr>,
+        b: impl Into<IpAddr>,
+    ) -> Result<()> {
         self.ensure_labctl(node)?;
-        netfilter::unblock(&node.ns, Blocked::Udp, a, b)
+        netfilter::unblock(&node.ns, Blocked::Udp, a.into(), b.into())
     }
 
-    /// Drops all IPv4 traffic between `a` and `b` as seen in `node`.
-    pub fn block_all(&self, node: &Node, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+    /// Drops all traffic between `a` and `b` (IPv4 or IPv6) as seen in `node`.
+    pub fn block_all(&self, node: &Node, a: impl Into<IpAddr>, b: impl Into<IpAddr>) -> Result<()> {
         self.ensure_labctl(node)?;
-        netfilter::block(&node.ns, Blocked::All, a, b)
+        netfilter::block(&node.ns, Blocked::All, a.into(), b.into())
     }
 
     /// Lets all traffic between `a` and `b` through `node` again.
-    pub fn unblock_all(&self, node: &Node, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+    pub fn unblock_all(
+        &self,
+        node: &Node,
+        a: impl Into<IpAddr>,
+        b: impl Into<IpAddr>,
+    ) -> Result<()> {
         self.ensure_labctl(node)?;
-        netfilter::unblock(&node.ns, Blocked::All, a, b)
+        netfilter::unblock(&node.ns, Blocked::All, a.into(), b.into())
     }
 
     /// Counts UDP packets from `src` to `dst` passing through (or sent or received by)

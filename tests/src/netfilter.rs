@@ -5,10 +5,10 @@
 //! priority — before conntrack and NAT, so the addresses matched are the ones on the wire
 //! where the namespace sees them (a router sees its LAN hosts' private addresses coming in
 //! and its own public address going out). Blackholed packets are dropped before any counter,
-//! so counters count what actually passed. Counters match either family (the table is
-//! `inet`); blackholes take IPv4 address pairs only, so they never cut an IPv6 path.
+//! so counters count what actually passed. Both work for IPv4 and IPv6 (the table is
+//! `inet`; a blackhole takes a pair of addresses of one family).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::error::{LabError, Result};
 use crate::netns;
@@ -18,6 +18,8 @@ fn skeleton() -> &'static str {
     "add table inet labctl
 add set inet labctl blocked_udp { type ipv4_addr . ipv4_addr; }
 add set inet labctl blocked_all { type ipv4_addr . ipv4_addr; }
+add set inet labctl blocked6_udp { type ipv6_addr . ipv6_addr; }
+add set inet labctl blocked6_all { type ipv6_addr . ipv6_addr; }
 add chain inet labctl pre { type filter hook prerouting priority raw; policy accept; }
 add chain inet labctl out { type filter hook output priority raw; policy accept; }
 "
@@ -29,7 +31,9 @@ pub(crate) fn install(ns: &str) -> Result<()> {
     for chain in ["pre", "out"] {
         script.push_str(&format!(
             "add rule inet labctl {chain} ip saddr . ip daddr @blocked_all drop\n\
-             add rule inet labctl {chain} meta l4proto udp ip saddr . ip daddr @blocked_udp drop\n"
+             add rule inet labctl {chain} meta l4proto udp ip saddr . ip daddr @blocked_udp drop\n\
+             add rule inet labctl {chain} ip6 saddr . ip6 daddr @blocked6_all drop\n\
+             add rule inet labctl {chain} meta l4proto udp ip6 saddr . ip6 daddr @blocked6_udp drop\n"
         ));
     }
     netns::nft(ns, &script)
@@ -40,37 +44,45 @@ pub(crate) fn install(ns: &str) -> Result<()> {
 pub enum Blocked {
     /// UDP only (the direct path of a mesh VPN dies, TCP to the relay lives).
     Udp,
-    /// All IPv4 traffic.
+    /// All traffic.
     All,
 }
 
 impl Blocked {
-    fn set(self) -> &'static str {
-        match self {
-            Blocked::Udp => "blocked_udp",
-            Blocked::All => "blocked_all",
-        }
+    /// The set holding pairs of `a`'s and `b`'s family; both must be of one family.
+    fn set(self, a: IpAddr, b: IpAddr) -> Result<&'static str> {
+        Ok(match (self, a.is_ipv4(), b.is_ipv4()) {
+            (Blocked::Udp, true, true) => "blocked_udp",
+            (Blocked::All, true, true) => "blocked_all",
+            (Blocked::Udp, false, false) => "blocked6_udp",
+            (Blocked::All, false, false) => "blocked6_all",
+            _ => {
+                return Err(LabError::Invalid(format!(
+                    "cannot block between {a} and {b}: one address family, please"
+                )))
+            }
+        })
     }
 }
 
 /// Starts dropping `what` between `a` and `b` (both directions) in `ns`.
-pub(crate) fn block(ns: &str, what: Blocked, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+pub(crate) fn block(ns: &str, what: Blocked, a: IpAddr, b: IpAddr) -> Result<()> {
     netns::nft(
         ns,
         &format!(
             "add element inet labctl {} {{ {a} . {b}, {b} . {a} }}\n",
-            what.set()
+            what.set(a, b)?
         ),
     )
 }
 
 /// Stops dropping `what` between `a` and `b` in `ns`; fails if it was not blocked.
-pub(crate) fn unblock(ns: &str, what: Blocked, a: Ipv4Addr, b: Ipv4Addr) -> Result<()> {
+pub(crate) fn unblock(ns: &str, what: Blocked, a: IpAddr, b: IpAddr) -> Result<()> {
     netns::nft(
         ns,
         &format!(
             "delete element inet labctl {} {{ {a} . {b}, {b} . {a} }}\n",
-            what.set()
+            what.set(a, b)?
         ),
     )
 }

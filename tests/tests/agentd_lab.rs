@@ -347,6 +347,63 @@ fn two_hard_nats_with_ipv6_go_direct_over_ipv6() {
     );
 }
 
+/// Polls `dev`'s status of `peer` until `check` holds (every 200 ms, up to `within`);
+/// returns how long that took.
+fn wait_peer(
+    lab: &Lab,
+    dev: &Device,
+    peer: &str,
+    within: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(p)) = dev.peer(lab, peer) {
+            if check(&p) {
+                return t0.elapsed();
+            }
+            assert!(t0.elapsed() < within, "{peer} still {p:#} after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn ipv6_direct_path_blackholed_falls_back_to_the_relay_and_returns() {
+    let lab = lab_or_skip!();
+    let w = world(&lab);
+    let ra = lab
+        .add_router("ra", RouterSpec::hard().with_ipv6(true))
+        .unwrap();
+    let rb = lab
+        .add_router("rb", RouterSpec::hard().with_ipv6(true))
+        .unwrap();
+    let (ha, hb, a, b) = devices(&lab, &w.control, &ra, &rb);
+    let (a6, b6) = (ha.ip6.unwrap(), hb.ip6.unwrap());
+    let direct6 = |p: &serde_json::Value| {
+        p["path"] == "direct"
+            && p["direct"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(&format!("[{b6}]:")))
+    };
+    first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
+    wait_peer(&lab, &a, "bob", Duration::from_secs(5), direct6);
+
+    // The IPv6 path dies (IPv4 was never direct: hard NATs): the relay takes over.
+    lab.block_udp(lab.internet(), a6, b6).unwrap();
+    let t = wait_peer(&lab, &a, "bob", Duration::from_secs(15), |p| {
+        p["path"] == "relay"
+    });
+    eprintln!("IPv6 path blackholed: relay after {t:?}");
+    all_pings_answer(&lab, &ha, b.ip, 3);
+
+    // It comes back: direct over IPv6 again.
+    lab.unblock_udp(lab.internet(), a6, b6).unwrap();
+    let t = wait_peer(&lab, &a, "bob", Duration::from_secs(15), direct6);
+    eprintln!("IPv6 path back: direct after {t:?}");
+    all_pings_answer(&lab, &ha, b.ip, 3);
+}
+
 #[test]
 fn relay_is_reached_over_ipv6_when_its_ipv4_is_blocked() {
     let lab = lab_or_skip!();
