@@ -306,19 +306,22 @@ fn both_behind_one_nat_go_direct_over_the_lan() {
     );
 }
 
+/// Alice and Bob each behind a hard NAT for IPv4 (relay only) whose network also routes
+/// IPv6 behind a stateful firewall.
+fn behind_hard_nats_with_ipv6(lab: &Lab, control: &Control) -> (Host, Host, Device, Device) {
+    let spec = RouterSpec::hard().with_ipv6(true);
+    let ra = lab.add_router("ra", spec.clone()).unwrap();
+    let rb = lab.add_router("rb", spec).unwrap();
+    devices(lab, control, &ra, &rb)
+}
+
 #[test]
 fn two_hard_nats_with_ipv6_go_direct_over_ipv6() {
     let lab = lab_or_skip!();
     let w = world(&lab);
     // IPv4 behind symmetric NATs (relay only, as above), but both networks also route
     // IPv6 behind stateful firewalls, as many mobile and home networks do.
-    let ra = lab
-        .add_router("ra", RouterSpec::hard().with_ipv6(true))
-        .unwrap();
-    let rb = lab
-        .add_router("rb", RouterSpec::hard().with_ipv6(true))
-        .unwrap();
-    let (ha, hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
+    let (ha, hb, mut a, b) = behind_hard_nats_with_ipv6(&lab, &w.control);
     let bob6 = hb.ip6.unwrap();
     let up = Instant::now();
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
@@ -372,13 +375,7 @@ fn wait_peer(
 fn ipv6_direct_path_blackholed_falls_back_to_the_relay_and_returns() {
     let lab = lab_or_skip!();
     let w = world(&lab);
-    let ra = lab
-        .add_router("ra", RouterSpec::hard().with_ipv6(true))
-        .unwrap();
-    let rb = lab
-        .add_router("rb", RouterSpec::hard().with_ipv6(true))
-        .unwrap();
-    let (ha, hb, a, b) = devices(&lab, &w.control, &ra, &rb);
+    let (ha, hb, a, b) = behind_hard_nats_with_ipv6(&lab, &w.control);
     let (a6, b6) = (ha.ip6.unwrap(), hb.ip6.unwrap());
     let direct6 = |p: &serde_json::Value| {
         p["path"] == "direct"
