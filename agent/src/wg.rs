@@ -53,7 +53,7 @@ fn action(r: TunnResult<'_>) -> WgAction<'_> {
 }
 
 fn secret(k: &NodePrivate) -> x25519::StaticSecret {
-    x25519::StaticSecret::from(k.to_bytes())
+    k.static_secret()
 }
 
 /// The WireGuard session with one peer.

@@ -143,6 +143,11 @@ macro_rules! private_key {
             pub fn to_bytes(&self) -> [u8; KEY_LEN] {
                 self.0.to_bytes()
             }
+            /// The secret as x25519-dalek's type (what boringtun takes), without a raw
+            /// copy left behind: the clone is wiped when dropped.
+            pub fn static_secret(&self) -> StaticSecret {
+                self.0.clone()
+            }
             pub fn public(&self) -> $public {
                 $public(DalekPublic::from(&self.0).to_bytes())
             }
