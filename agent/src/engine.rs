@@ -707,6 +707,7 @@ impl Engine {
     fn go_down(&mut self) {
         self.session = None;
         self.tun_out.clear();
+        self.tun_write = SendBatch::default();
         self.tun = None;
         self.peers.clear();
         self.dirty.clear();
