@@ -200,6 +200,50 @@ fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
     assert_eq!(peer["path"], "direct", "{peer:#}");
 }
 
+#[test]
+fn agentd_and_tailscaled_behind_hard_nats_go_direct_over_ipv6() {
+    let lab = lab_or_skip!();
+    if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
+        return;
+    }
+    let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
+    // IPv4 behind symmetric NATs (no direct IPv4 path), IPv6 routed behind stateful
+    // firewalls: the only direct path is IPv6, found by both programs' disco together.
+    let spec = RouterSpec::hard().with_ipv6(true);
+    let ra = lab.add_router("ra", spec.clone()).unwrap();
+    let rb = lab.add_router("rb", spec).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("tb", &rb).unwrap();
+    let (a6, b6) = (ha.ip6.unwrap(), hb.ip6.unwrap());
+    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
+    let b = Tailscaled::start(&lab, &hb, "tb", &control);
+
+    let out = b.ping_until_direct(&lab, a.ip);
+    eprintln!("tailscale ping alice:\n{out}");
+    assert!(
+        out.lines()
+            .rfind(|l| l.starts_with("pong"))
+            .unwrap()
+            .contains(&format!("via [{a6}]:")),
+        "{out}"
+    );
+    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(10)).unwrap();
+    for _ in 0..3 {
+        assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
+    }
+    let peer = a
+        .peer(&lab, "tb")
+        .unwrap()
+        .expect("agentd lists tailscaled");
+    assert_eq!(peer["path"], "direct", "{peer:#}");
+    assert!(
+        peer["direct"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(&format!("[{b6}]:"))),
+        "{peer:#}"
+    );
+}
+
 /// Headscale (pinned, built by `.ci/run`) on its own server in the lab, with our relayd's
 /// region as its relay map, a user and a reusable pre-auth key. Returned as a [`Control`]
 /// so agentd and tailscaled join it the same way they join controld.
