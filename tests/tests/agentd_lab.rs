@@ -145,6 +145,19 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
     }
 }
 
+/// The sequence numbers `ping` printed replies for, sorted, each once.
+fn answered(ping_output: &str) -> Vec<u32> {
+    let mut seqs: Vec<u32> = ping_output
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs
+}
+
 /// Pings `count` times, `interval` apart; returns (sent, answered, longest run of
 /// unanswered pings).
 fn ping_series(
@@ -170,15 +183,7 @@ fn ping_series(
             ],
         )
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut seqs: Vec<u32> = text
-        .lines()
-        .filter_map(|l| l.split("icmp_seq=").nth(1))
-        .filter_map(|s| s.split_whitespace().next())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    seqs.sort_unstable();
-    seqs.dedup();
+    let seqs = answered(&String::from_utf8_lossy(&out.stdout));
     let mut gap = 0;
     let mut prev = 0;
     for s in seqs.iter().copied().chain(std::iter::once(count + 1)) {
@@ -568,14 +573,7 @@ fn home_relay_node_killed_traffic_resumes_on_the_regions_other_node() {
     near.relayd.kill().unwrap();
     wait_exit(&mut pings, Duration::from_secs(30));
     let text = pings.stdout();
-    let mut seqs: Vec<u32> = text
-        .lines()
-        .filter_map(|l| l.split("icmp_seq=").nth(1))
-        .filter_map(|s| s.split_whitespace().next())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    seqs.sort_unstable();
-    seqs.dedup();
+    let seqs = answered(&text);
     let gap = seqs.windows(2).map(|w| w[1] - w[0] - 1).max().unwrap_or(60);
     let outage = Duration::from_millis(100 * u64::from(gap));
     eprintln!(

@@ -161,17 +161,29 @@ fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
     );
 }
 
-#[test]
-fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
+/// agentd (alice) and tailscaled (tb) on our controld, each behind a router of `spec`:
+/// tailscaled's disco pings end in a direct pong, traffic flows through the tunnel, and
+/// agentd lists tailscaled as direct. Over IPv6 when `v6` (the routers must route it),
+/// else over the routers' public IPv4 addresses.
+fn agentd_and_tailscaled_go_direct(spec: RouterSpec, v6: bool) {
     let lab = lab_or_skip!();
     if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
         return;
     }
     let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
-    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
-    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let ra = lab.add_router("ra", spec.clone()).unwrap();
+    let rb = lab.add_router("rb", spec).unwrap();
     let ha = lab.add_lan_host("alice", &ra).unwrap();
     let hb = lab.add_lan_host("tb", &rb).unwrap();
+    // Where each side should see the other.
+    let (alice_at, tb_at) = if v6 {
+        (
+            format!("[{}]:", ha.ip6.unwrap()),
+            format!("[{}]:", hb.ip6.unwrap()),
+        )
+    } else {
+        (format!("{}:", ra.wan_ip), format!("{}:", rb.wan_ip))
+    };
     let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
     let b = Tailscaled::start(&lab, &hb, "tb", &control);
 
@@ -182,7 +194,7 @@ fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
         out.lines()
             .rfind(|l| l.starts_with("pong"))
             .unwrap()
-            .contains(&format!("via {}:", ra.wan_ip)),
+            .contains(&format!("via {alice_at}")),
         "{out}"
     );
 
@@ -192,45 +204,7 @@ fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
     for _ in 0..3 {
         assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
     }
-    // agentd sees tailscaled as a direct peer.
-    let peer = a
-        .peer(&lab, "tb")
-        .unwrap()
-        .expect("agentd lists tailscaled");
-    assert_eq!(peer["path"], "direct", "{peer:#}");
-}
-
-#[test]
-fn agentd_and_tailscaled_behind_hard_nats_go_direct_over_ipv6() {
-    let lab = lab_or_skip!();
-    if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
-        return;
-    }
-    let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
-    // IPv4 behind symmetric NATs (no direct IPv4 path), IPv6 routed behind stateful
-    // firewalls: the only direct path is IPv6, found by both programs' disco together.
-    let spec = RouterSpec::hard().with_ipv6(true);
-    let ra = lab.add_router("ra", spec.clone()).unwrap();
-    let rb = lab.add_router("rb", spec).unwrap();
-    let ha = lab.add_lan_host("alice", &ra).unwrap();
-    let hb = lab.add_lan_host("tb", &rb).unwrap();
-    let (a6, b6) = (ha.ip6.unwrap(), hb.ip6.unwrap());
-    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
-    let b = Tailscaled::start(&lab, &hb, "tb", &control);
-
-    let out = b.ping_until_direct(&lab, a.ip);
-    eprintln!("tailscale ping alice:\n{out}");
-    assert!(
-        out.lines()
-            .rfind(|l| l.starts_with("pong"))
-            .unwrap()
-            .contains(&format!("via [{a6}]:")),
-        "{out}"
-    );
-    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(10)).unwrap();
-    for _ in 0..3 {
-        assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
-    }
+    // agentd sees tailscaled as a direct peer, at the address expected.
     let peer = a
         .peer(&lab, "tb")
         .unwrap()
@@ -239,9 +213,21 @@ fn agentd_and_tailscaled_behind_hard_nats_go_direct_over_ipv6() {
     assert!(
         peer["direct"]
             .as_str()
-            .is_some_and(|d| d.starts_with(&format!("[{b6}]:"))),
+            .is_some_and(|d| d.starts_with(&tb_at)),
         "{peer:#}"
     );
+}
+
+#[test]
+fn agentd_and_tailscaled_on_our_controld_reach_each_other_directly() {
+    agentd_and_tailscaled_go_direct(RouterSpec::easy(), false);
+}
+
+#[test]
+fn agentd_and_tailscaled_behind_hard_nats_go_direct_over_ipv6() {
+    // IPv4 behind symmetric NATs (no direct IPv4 path), IPv6 routed behind stateful
+    // firewalls: the only direct path is IPv6, found by both programs' disco together.
+    agentd_and_tailscaled_go_direct(RouterSpec::hard().with_ipv6(true), true);
 }
 
 /// Headscale (pinned, built by `.ci/run`) on its own server in the lab, with our relayd's
