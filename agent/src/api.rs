@@ -97,14 +97,7 @@ pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServ
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let Ok(permit) = std::sync::Arc::clone(&limit).acquire_owned().await else {
-                return;
-            };
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(TIMEOUT * 2, handle(stream, engine)).await;
-                drop(permit);
-            });
+            serve_conn(stream, &limit, &engine).await;
         }
     });
     Ok(ApiServer {
@@ -141,38 +134,45 @@ pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServ
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
     let task = tokio::spawn(async move {
         loop {
-            // A pipe instance serves one client; a fresh one waits for the next.
-            if next.connect().await.is_err() {
-                match create(false) {
-                    Ok(p) => next = p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "local API pipe lost; agentctl cannot reach agentd");
-                        return;
-                    }
-                }
-                continue;
-            }
-            let conn = match create(false) {
-                Ok(p) => std::mem::replace(&mut next, p),
+            let connected = next.connect().await.is_ok();
+            // A pipe instance serves one client (or failed); a fresh one waits for the next.
+            let fresh = match create(false) {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "local API pipe lost; agentctl cannot reach agentd");
                     return;
                 }
             };
-            let Ok(permit) = std::sync::Arc::clone(&limit).acquire_owned().await else {
-                return;
-            };
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(TIMEOUT * 2, handle(conn, engine)).await;
-                drop(permit);
-            });
+            let conn = std::mem::replace(&mut next, fresh);
+            if connected {
+                serve_conn(conn, &limit, &engine).await;
+            }
         }
     });
     Ok(ApiServer {
         path: path.to_path_buf(),
         task,
     })
+}
+
+/// Serves one connection in a task of its own once one of the `MAX_CONNS` slots is free.
+#[cfg(any(unix, windows))]
+async fn serve_conn<S>(
+    stream: S,
+    limit: &std::sync::Arc<tokio::sync::Semaphore>,
+    engine: &mpsc::Sender<Query>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // The semaphore is never closed: acquiring only waits.
+    let Ok(permit) = std::sync::Arc::clone(limit).acquire_owned().await else {
+        return;
+    };
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(TIMEOUT * 2, handle(stream, engine)).await;
+        drop(permit);
+    });
 }
 
 #[cfg(not(any(unix, windows)))]

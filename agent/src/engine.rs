@@ -208,7 +208,6 @@ pub async fn run(
 type ApiWaiter = (
     Instant,
     tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, String>>,
-    NodePublic,
 );
 
 /// `agentctl ping`s in flight at most.
@@ -238,8 +237,9 @@ struct Engine {
     disco_pub: DiscoPublic,
     sock: Arc<UdpSocket>,
     udp: Arc<UdpIo>,
-    /// The IPv6 socket, when the host has IPv6.
+    /// The IPv6 socket, when the host has IPv6, and its port.
     sock6: Option<(Arc<UdpSocket>, Arc<UdpIo>)>,
+    port6: Option<u16>,
     gso: Option<Gso>,
     port: u16,
     /// The control session; None while `agentctl down` holds the device down.
@@ -297,6 +297,10 @@ impl Engine {
             disco,
             disco_pub,
             udp,
+            port6: sock6
+                .as_ref()
+                .and_then(|(s, _)| s.local_addr().ok())
+                .map(|a| a.port()),
             sock6,
             gso: None,
             sock,
@@ -567,6 +571,7 @@ impl Engine {
             }
             let now = Instant::now();
             if tokio::time::Instant::now() >= next_wg_tick {
+                self.sync_heard();
                 self.tick_wireguard().await;
                 next_wg_tick = tokio::time::Instant::now() + WG_TICK;
             }
@@ -791,7 +796,7 @@ impl Engine {
             ));
             return;
         }
-        self.api_waiters.insert(tx_id, (now, tx, key));
+        self.api_waiters.insert(tx_id, (now, tx));
         if let Some(addr) = udp {
             if let Some(sock) = self.sock_for(addr) {
                 let pkt = packet.clone();
@@ -815,12 +820,12 @@ impl Engine {
         let address = self
             .netmap
             .as_ref()
-            .and_then(|nm| nm.peers.values().find(|n| n.key == key))
+            .and_then(|nm| nm.peer_by_key(&key))
             .and_then(|n| n.addresses.first())
             .map(|a| a.split('/').next().unwrap_or_default().to_string())
             .unwrap_or_default();
         for (tx_id, via) in pongs {
-            let Some((sent, tx, _)) = self.api_waiters.remove(&tx_id) else {
+            let Some((sent, tx)) = self.api_waiters.remove(&tx_id) else {
                 continue;
             };
             let latency_ms = now.saturating_duration_since(sent).as_secs_f64() * 1000.0;
@@ -1012,11 +1017,7 @@ impl Engine {
                 eps.push(SocketAddr::new(g.ip(), self.port));
             }
         }
-        let port6 = self
-            .sock6
-            .as_ref()
-            .and_then(|(s, _)| s.local_addr().ok())
-            .map(|a| a.port());
+        let port6 = self.port6;
         if let (Some(g), Some(_)) = (report.global_v6, port6) {
             eps.push(g);
         }
@@ -1062,8 +1063,10 @@ impl Engine {
             }
             _ => None,
         };
-        p.on_data_sent(now);
-        self.dirty.insert(key);
+        // Only when disco has something to send: a trusted path needs no pass per packet.
+        if p.on_data_sent(now) {
+            self.dirty.insert(key);
+        }
         if let Some(b) = out {
             self.send_to_peer(key, b, now).await;
         }
@@ -1071,19 +1074,14 @@ impl Engine {
 
     /// Sends a WireGuard datagram to `key` on the path its disco state says (§3.3).
     async fn send_to_peer(&mut self, key: NodePublic, datagram: Bytes, now: Instant) {
-        let Some(p) = self.peers.get(&key) else {
+        let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let (udp, relay) = p.send_targets(now);
         if datagram.first() == Some(&1) {
             // A handshake initiation (WireGuard message type 1).
-            if let Some(p) = self.peers.get_mut(&key) {
-                p.last_initiation = Some(now);
-            }
+            p.last_initiation = Some(now);
         }
-        let Some(p) = self.peers.get(&key) else {
-            return;
-        };
+        let (udp, relay) = p.send_targets(now);
         let region = p.home_region;
         let mut sent = false;
         if let Some(addr) = udp {
@@ -1213,11 +1211,6 @@ impl Engine {
                 self.dirty.insert(*k);
             }
         }
-        if let Ok(mut h) = self.heard.lock() {
-            if let Some(t) = self.relays.last_heard(region) {
-                h.insert(region, t);
-            }
-        }
         if let RelayEvent::Packet { src, payload } = ev {
             self.counters.relay_packets_in += 1;
             match sock::classify(&payload) {
@@ -1263,49 +1256,40 @@ impl Engine {
                 }
             }
         };
-        let Some(key) = key.filter(|k| self.peers.contains_key(k)) else {
+        let Some((key, p)) = key.and_then(|k| Some((k, self.peers.get_mut(&k)?))) else {
             self.counters.wg_unknown_peer += 1;
             return;
         };
         let now = Instant::now();
-        let mut deliver: Vec<Vec<u8>> = Vec::new();
         let mut send: Vec<Bytes> = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&key) else {
-                return;
-            };
-            match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
-                WgAction::Deliver(b) => deliver.push(b.to_vec()),
-                WgAction::Send(b) => {
-                    send.push(Bytes::copy_from_slice(b));
-                    while let WgAction::Send(b) = p.wg.flush(&mut self.buf) {
-                        send.push(Bytes::copy_from_slice(b));
-                    }
-                }
-                WgAction::Drop(r) => *self.counters.wg_drop.entry(r).or_default() += 1,
-                WgAction::None => {}
-            }
-        }
-        for b in send {
-            self.send_to_peer(key, b, now).await;
-        }
-        if self.tun.is_some() {
-            for d in deliver {
+        match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
+            WgAction::Deliver(d) => {
                 // Only packets from the addresses this peer owns reach the OS.
-                let ok = routes::source(&d).is_some_and(|s| self.routes.lookup(s) == Some(key));
+                let ok = routes::source(d).is_some_and(|s| self.routes.lookup(s) == Some(key));
                 if !ok {
                     *self
                         .counters
                         .wg_drop
                         .entry("source not allowed")
                         .or_default() += 1;
-                    continue;
+                } else if self.tun.is_some() {
+                    self.tun_out.push(d.to_vec());
                 }
-                self.tun_out.push(d);
             }
-            if self.tun_out.len() >= BATCH {
-                self.flush_tun().await;
+            WgAction::Send(b) => {
+                send.push(Bytes::copy_from_slice(b));
+                while let WgAction::Send(b) = p.wg.flush(&mut self.buf) {
+                    send.push(Bytes::copy_from_slice(b));
+                }
             }
+            WgAction::Drop(r) => *self.counters.wg_drop.entry(r).or_default() += 1,
+            WgAction::None => {}
+        }
+        for b in send {
+            self.send_to_peer(key, b, now).await;
+        }
+        if self.tun_out.len() >= BATCH {
+            self.flush_tun().await;
         }
     }
 
@@ -1420,6 +1404,18 @@ impl Engine {
         if let Some(b) = reinit {
             tracing::debug!(peer = %key.short(), "direct path found: handshake sent again");
             self.send_to_peer(key, b, now).await;
+        }
+    }
+
+    /// Copies when each relay region was last heard from into the map netcheck reads:
+    /// at every WireGuard tick, not under a lock per relayed packet.
+    fn sync_heard(&self) {
+        if let Ok(mut h) = self.heard.lock() {
+            for region in self.relays.map().regions.keys() {
+                if let Some(t) = self.relays.last_heard(*region) {
+                    h.insert(*region, t);
+                }
+            }
         }
     }
 

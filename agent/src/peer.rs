@@ -130,10 +130,9 @@ impl Peer {
             self.path = PathState::new(rand::random(), now);
         }
         let eps = endpoints(node);
+        let known = self.path.candidates();
         let changed = node.home_region() != self.home_region
-            || eps
-                .iter()
-                .any(|e| !self.path.candidates().iter().any(|(a, _)| a == e));
+            || eps.iter().any(|e| !known.iter().any(|(a, _)| a == e));
         self.path.set_endpoints(&eps, now);
         self.path.set_relay(node.home_region() > 0);
         self.allowed_ips = node.routes().to_vec();
@@ -154,8 +153,9 @@ impl Peer {
         true
     }
 
-    pub fn on_data_sent(&mut self, now: Instant) {
-        self.path.on_data_sent(now);
+    /// Whether the peer's disco has something to send now (see `PathState::on_data_sent`).
+    pub fn on_data_sent(&mut self, now: Instant) -> bool {
+        self.path.on_data_sent(now)
     }
 
     /// Where a datagram goes now: (UDP address, also via relay).

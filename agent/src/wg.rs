@@ -52,10 +52,6 @@ fn action(r: TunnResult<'_>) -> WgAction<'_> {
     }
 }
 
-fn secret(k: &NodePrivate) -> x25519::StaticSecret {
-    k.static_secret()
-}
-
 /// The WireGuard session with one peer.
 pub struct WgPeer {
     tunn: Tunn,
@@ -73,7 +69,7 @@ impl WgPeer {
     pub fn new(me: &NodePrivate, peer: &NodePublic, index: u32) -> Self {
         WgPeer {
             tunn: Tunn::new(
-                secret(me),
+                me.static_secret(),
                 x25519::PublicKey::from(*peer.as_bytes()),
                 None,
                 None,
@@ -168,7 +164,7 @@ impl std::fmt::Debug for Router {
 
 impl Router {
     pub fn new(me: &NodePrivate) -> Self {
-        let secret = secret(me);
+        let secret = me.static_secret();
         let public = x25519::PublicKey::from(&secret);
         Router {
             limiter: RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT),

@@ -467,15 +467,19 @@ impl PathState {
 
     /// A data packet was sent to the peer: keeps the session active and, while there is
     /// no trusted direct path, starts discovery.
-    pub fn on_data_sent(&mut self, now: Instant) {
+    /// Returns whether it started discovery (pings to send now); otherwise at most a
+    /// timer changed, which [`PathState::poll_timeout`] reports.
+    pub fn on_data_sent(&mut self, now: Instant) -> bool {
         self.last_data = Some(now);
         if self.heartbeat_at.is_none() {
             self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
         }
-        if !self.trusted(now) {
-            self.discover(now);
-            self.retry_call_me_maybe(now);
+        if self.trusted(now) {
+            return false;
         }
+        self.discover(now);
+        self.retry_call_me_maybe(now);
+        true
     }
 
     /// A ping arrived. From UDP, its source becomes a candidate (for 45 s after the
@@ -781,7 +785,7 @@ mod tests {
             }
         );
         assert_eq!(p.reason(t0), PathReason::Idle);
-        p.on_data_sent(t0);
+        assert!(p.on_data_sent(t0), "no trusted path: discovery starts");
         let (pings, cmm, _) = drain(&mut p);
         assert_eq!(pings.len(), 1);
         assert!(cmm, "discovery also asks the peer to ping back");
@@ -803,6 +807,9 @@ mod tests {
             .reason(now)
             .describe(now)
             .starts_with("direct 198.51.100.2:41641"));
+        // Data on the trusted path asks for nothing to be sent.
+        assert!(!p.on_data_sent(now));
+        assert_eq!(drain(&mut p).0.len(), 0);
     }
 
     #[test]
@@ -1279,7 +1286,9 @@ mod tests {
                     pool.iter().copied().filter(|_| rng.gen_bool(0.4)).collect()
                 };
                 match rng.gen_range(0..10) {
-                    0..=2 => p.on_data_sent(now),
+                    0..=2 => {
+                        p.on_data_sent(now);
+                    }
                     3 => p.set_endpoints(&pick(&mut rng), now),
                     4 => p.on_call_me_maybe(&pick(&mut rng), now),
                     5 => p.on_ping(Via::Udp(pool[rng.gen_range(0..pool.len())]), rng.gen(), now),
