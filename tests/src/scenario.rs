@@ -92,6 +92,15 @@ pub fn start_region(lab: &Lab, id: i32, one_way_delay_ms: u64) -> Result<Region>
     Ok(Region { id, host, relayd })
 }
 
+/// A region `id` on a server with IPv6 too (plain veth): relayd listens dual-stack and
+/// the relay map lists both addresses.
+pub fn start_region_v6(lab: &Lab, id: i32) -> Result<Region> {
+    let name = format!("relay{id}");
+    let host = lab.add_server_with_ipv6(&name)?;
+    let relayd = start_relayd(lab, &host, &name)?;
+    Ok(Region { id, host, relayd })
+}
+
 /// The relay-map JSON node for a relay on `ip` (and `ip6`).
 fn node_json(
     region: i32,
@@ -243,6 +252,31 @@ impl Device {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// Polls `agentctl status --json` (every 100 ms, up to `within`) until the entry of
+    /// the peer named `name` satisfies `ok`; returns that entry.
+    pub fn wait_peer(
+        &self,
+        lab: &Lab,
+        name: &str,
+        within: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(p) = self.peer(lab, name)?.filter(|p| ok(p)) {
+                return Ok(p);
+            }
+            if t0.elapsed() >= within {
+                return Err(LabError::Timeout(format!(
+                    "{name} never matched within {within:?} in {}'s status:\n{:#}",
+                    self.name,
+                    self.status(lab)?
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The entry for the peer whose name starts with `name` in `agentctl status --json`.

@@ -6,35 +6,11 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(clippy::print_stderr)] // the status tables go to the test's output
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tests::scenario::{self, ping_once, Device};
 use tests::{lab_or_skip, Host, Lab, Router, RouterSpec};
-
-/// Polls `status --json` until `peer`'s entry satisfies `ok`; returns that entry.
-fn wait_peer(
-    lab: &Lab,
-    dev: &Device,
-    peer: &str,
-    within: Duration,
-    ok: impl Fn(&Value) -> bool,
-) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let p = dev.peer(lab, peer).unwrap();
-        if let Some(p) = p.filter(|p| ok(p)) {
-            return p;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "{peer} never matched in {}'s status:\n{:#}",
-            dev.name,
-            dev.status(lab).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Alice behind an easy NAT, bob behind another (direct to alice) and carol behind a hard
 /// one (relayed), all on one region and controld.
@@ -94,9 +70,11 @@ fn status_shows_direct_and_relayed_peers_with_the_reason() {
         ping_once(&lab, &ha, c.ip, Duration::from_secs(1));
     }
 
-    let pb = wait_peer(&lab, &a, "bob", Duration::from_secs(5), |p| {
-        p["path"] == "direct"
-    });
+    let pb = a
+        .wait_peer(&lab, "bob", Duration::from_secs(5), |p| {
+            p["path"] == "direct"
+        })
+        .unwrap();
     assert!(
         pb["direct"]
             .as_str()
@@ -107,12 +85,14 @@ fn status_shows_direct_and_relayed_peers_with_the_reason() {
     assert!(pb["last_handshake_secs"].as_f64().is_some(), "{pb:#}");
     assert!(pb["tx_bytes"].as_u64().unwrap() > 0, "{pb:#}");
     assert_eq!(pb["os"], "linux", "{pb:#}");
-    let pc = wait_peer(&lab, &a, "carol", Duration::from_secs(5), |p| {
-        p["path"] == "relay"
-            && p["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("unanswered"))
-    });
+    let pc = a
+        .wait_peer(&lab, "carol", Duration::from_secs(5), |p| {
+            p["path"] == "relay"
+                && p["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("unanswered"))
+        })
+        .unwrap();
     assert_eq!(pc["relay_region"], 901, "{pc:#}");
 
     let s = a.status(&lab).unwrap();
@@ -246,12 +226,14 @@ fn ping_reports_relay_pongs_then_a_direct_one() {
         ..
     } = three(&lab);
     // Both peers known to alice, with their home relay, before the first ping.
-    wait_peer(&lab, &a, "bob", Duration::from_secs(10), |p| {
+    a.wait_peer(&lab, "bob", Duration::from_secs(10), |p| {
         p["relay_region"] == 901
-    });
-    wait_peer(&lab, &a, "carol", Duration::from_secs(10), |p| {
+    })
+    .unwrap();
+    a.wait_peer(&lab, "carol", Duration::from_secs(10), |p| {
         p["relay_region"] == 901
-    });
+    })
+    .unwrap();
 
     // No traffic yet: the first pong comes through the relay, then a direct one ends it.
     let (ok, out, err) = a.agentctl(&lab, &["ping", "bob", "--count", "10"]).unwrap();
@@ -272,6 +254,7 @@ fn ping_reports_relay_pongs_then_a_direct_one() {
         .unwrap();
     assert!(!ok, "{out}");
     assert!(err.contains("direct connection not established"), "{err}");
+    assert!(out.lines().count() >= 1, "no pong at all: {out}{err}");
     for l in out.lines() {
         let v: Value = serde_json::from_str(l).unwrap();
         assert_eq!(v["via"], "relay", "{out}");
@@ -310,16 +293,18 @@ fn down_disconnects_and_up_reconnects() {
         .unwrap()
         .status
         .success());
-    wait_peer(&lab, &b, "alice", Duration::from_secs(5), |p| {
+    b.wait_peer(&lab, "alice", Duration::from_secs(5), |p| {
         p["online"] == false
-    });
+    })
+    .unwrap();
     assert!(ping_once(&lab, &hb, a.ip, Duration::from_secs(1)).is_none());
 
     let (ok, out, err) = a.agentctl(&lab, &["up"]).unwrap();
     assert!(ok, "{out}{err}");
     scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(10)).unwrap();
     assert_eq!(a.status(&lab).unwrap()["state"], "Running");
-    wait_peer(&lab, &b, "alice", Duration::from_secs(5), |p| {
+    b.wait_peer(&lab, "alice", Duration::from_secs(5), |p| {
         p["online"] == true
-    });
+    })
+    .unwrap();
 }

@@ -16,8 +16,8 @@ use tests::{lab_or_skip, Host, Lab, Router, RouterSpec};
 /// The relay regions and control server every scenario shares.
 struct World {
     near: Region,
-    #[allow(dead_code)] // kept running: the far region must be measured and not chosen
-    far: Region,
+    /// Kept running: the far region must be measured and not chosen.
+    _far: Region,
     control: Control,
 }
 
@@ -26,7 +26,11 @@ fn world(lab: &Lab) -> World {
     let far = scenario::start_region(lab, 902, 40).unwrap();
     let map = scenario::write_relay_map(lab, &[&near, &far], &[]).unwrap();
     let control = scenario::start_control(lab, &map).unwrap();
-    World { near, far, control }
+    World {
+        near,
+        _far: far,
+        control,
+    }
 }
 
 /// Pings until the first answer; prints and returns how long that took.
@@ -355,27 +359,6 @@ fn two_hard_nats_with_ipv6_go_direct_over_ipv6() {
     );
 }
 
-/// Polls `dev`'s status of `peer` until `check` holds (every 200 ms, up to `within`);
-/// returns how long that took.
-fn wait_peer(
-    lab: &Lab,
-    dev: &Device,
-    peer: &str,
-    within: Duration,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(p)) = dev.peer(lab, peer) {
-            if check(&p) {
-                return t0.elapsed();
-            }
-            assert!(t0.elapsed() < within, "{peer} still {p:#} after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn ipv6_direct_path_blackholed_falls_back_to_the_relay_and_returns() {
     let lab = lab_or_skip!();
@@ -389,33 +372,32 @@ fn ipv6_direct_path_blackholed_falls_back_to_the_relay_and_returns() {
                 .is_some_and(|d| d.starts_with(&format!("[{b6}]:")))
     };
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
-    wait_peer(&lab, &a, "bob", Duration::from_secs(5), direct6);
+    a.wait_peer(&lab, "bob", Duration::from_secs(5), direct6)
+        .unwrap();
 
     // The IPv6 path dies (IPv4 was never direct: hard NATs): the relay takes over.
     lab.block_udp(lab.internet(), a6, b6).unwrap();
-    let t = wait_peer(&lab, &a, "bob", Duration::from_secs(15), |p| {
+    let t0 = Instant::now();
+    a.wait_peer(&lab, "bob", Duration::from_secs(15), |p| {
         p["path"] == "relay"
-    });
-    eprintln!("IPv6 path blackholed: relay after {t:?}");
+    })
+    .unwrap();
+    eprintln!("IPv6 path blackholed: relay after {:?}", t0.elapsed());
     all_pings_answer(&lab, &ha, b.ip, 3);
 
     // It comes back: direct over IPv6 again.
     lab.unblock_udp(lab.internet(), a6, b6).unwrap();
-    let t = wait_peer(&lab, &a, "bob", Duration::from_secs(15), direct6);
-    eprintln!("IPv6 path back: direct after {t:?}");
+    let t0 = Instant::now();
+    a.wait_peer(&lab, "bob", Duration::from_secs(15), direct6)
+        .unwrap();
+    eprintln!("IPv6 path back: direct after {:?}", t0.elapsed());
     all_pings_answer(&lab, &ha, b.ip, 3);
 }
 
 #[test]
 fn relay_is_reached_over_ipv6_when_its_ipv4_is_blocked() {
     let lab = lab_or_skip!();
-    let host = lab.add_server_with_ipv6("relay901").unwrap();
-    let relayd = scenario::start_relayd(&lab, &host, "relay901").unwrap();
-    let region = Region {
-        id: 901,
-        host,
-        relayd,
-    };
+    let region = scenario::start_region_v6(&lab, 901).unwrap();
     let map = scenario::write_relay_map(&lab, &[&region], &[]).unwrap();
     let control = scenario::start_control(&lab, &map).unwrap();
     // Alice's network routes IPv6 but cannot reach the relay over IPv4 at all; Bob is
@@ -539,8 +521,6 @@ fn tcp_stream_survives_a_blackholed_direct_path_and_returns_to_direct() {
         bytes.iter().rev().take(3).all(|b| *b > 0),
         "the stream did not survive: {bytes:?}"
     );
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
-    assert!(received > 0);
 }
 
 #[test]
@@ -560,7 +540,6 @@ fn home_relay_node_killed_traffic_resumes_on_the_regions_other_node() {
     let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
     let (ha, _hb, _a, b) = devices(&lab, &control, &ra, &rb);
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
-    let _keep = &far;
 
     let mut pings = lab
         .spawn(

@@ -104,12 +104,7 @@ fn netcheck_reports_ipv6_where_the_network_routes_it() {
     // addresses in the relay map.
     let regions: Vec<Region> = [901, 902]
         .into_iter()
-        .map(|id| {
-            let name = format!("relay{id}");
-            let host = lab.add_server_with_ipv6(&name).unwrap();
-            let relayd = scenario::start_relayd(&lab, &host, &name).unwrap();
-            Region { id, host, relayd }
-        })
+        .map(|id| scenario::start_region_v6(&lab, id).unwrap())
         .collect();
     let map = write_map(&lab, &regions.iter().collect::<Vec<_>>());
 

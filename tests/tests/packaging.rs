@@ -57,7 +57,6 @@ fn every_systemd_unit_passes_systemd_analyze_verify() {
         ("relayd", tests::process::relayd().unwrap()),
         ("controld", tests::process::controld().unwrap()),
     ];
-    let mut checked = 0;
     for (name, bin) in bins {
         let unit = std::fs::read_to_string(packaging().join(format!("{name}.service"))).unwrap();
         // The unit names /usr/bin/<name>; verify checks the binary exists, so point it at
@@ -66,9 +65,7 @@ fn every_systemd_unit_passes_systemd_analyze_verify() {
         let path = dir.path().join(format!("{name}.service"));
         std::fs::write(&path, unit).unwrap();
         verify(&path).unwrap_or_else(|e| panic!("{name}.service: {e}"));
-        checked += 1;
     }
-    assert_eq!(checked, 3);
 }
 
 fn agentd(args: &[&str]) -> (bool, String, String) {
