@@ -16,7 +16,7 @@ use std::time::Duration;
 use proto::localapi::{
     query_value, ApiError, NetcheckResult, PeerStatus, PingResult, Status, Version,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, oneshot};
 
 /// Version of the API's paths (`/v1/…`).
@@ -205,25 +205,21 @@ async fn handle<S>(mut stream: S, engine: mpsc::Sender<Query>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        let mut chunk = [0u8; 1024];
-        let n = match tokio::time::timeout(TIMEOUT, stream.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => n,
+    // The request head (one read loop for all of the project's HTTP: relay's).
+    let head =
+        match tokio::time::timeout(TIMEOUT, relay::io::read_http_head(&mut stream, MAX_REQUEST))
+            .await
+        {
+            Ok(Ok((head, _))) => head,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = write_reply(&mut stream, error(431, "request too large")).await;
+                return;
+            }
             _ => return,
         };
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_REQUEST {
-            let _ = write_reply(&mut stream, error(431, "request too large")).await;
-            return;
-        }
-    };
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let reply = match req.parse(&buf[..head_end]) {
+    let reply = match req.parse(&head) {
         Ok(httparse::Status::Complete(_)) => {
             let method = req.method.unwrap_or_default().to_string();
             let target = req.path.unwrap_or_default().to_string();
@@ -355,6 +351,35 @@ mod tests {
             Some("my laptop")
         );
         assert_eq!(query_value("", "ip"), None);
+    }
+
+    /// What `handle` answers to `request`: the status line.
+    async fn status_line(request: &[u8]) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let (tx, _rx) = mpsc::channel(1);
+        let server = tokio::spawn(handle(server, tx));
+        client.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        server.await.unwrap();
+        String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn connections_get_a_status_line_for_good_bad_and_oversized_requests() {
+        let ok = status_line(b"GET /v1/version HTTP/1.1\r\nHost: agentd\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        let bad = status_line(b"\x00\x01 nonsense\r\n\r\n").await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        let mut huge = b"GET /v1/version HTTP/1.1\r\nX: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_REQUEST + 1));
+        let big = status_line(&huge).await;
+        assert!(big.starts_with("HTTP/1.1 431"), "{big}");
     }
 
     #[tokio::test]

@@ -56,6 +56,12 @@ pub fn load_or_create<K: Serialize + DeserializeOwned>(
 
 /// Writes `data` to `path` with mode 0600 via a temporary file and a rename.
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_atomic(path, data, 0o600)
+}
+
+/// Writes `data` to `path` via a temporary file and a rename, with Unix mode `mode`
+/// (ignored elsewhere); creates the directory if needed.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write as _;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -66,9 +72,17 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
+        opts.mode(mode);
     }
+    #[cfg(not(unix))]
+    let _ = mode;
     let mut f = opts.open(&tmp)?;
+    // Exactly `mode`, whatever the umask, or a temporary file a crash left behind, had.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);

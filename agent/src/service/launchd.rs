@@ -37,9 +37,6 @@ pub fn install(o: &InstallOptions) -> anyhow::Result<String> {
         &format!("{extra}  </dict>\n  <key>RunAtLoad</key>"),
     );
     let path = under(&o.root, PLIST_PATH);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     // The plist may hold a pre-auth key: root-only.
     proto::secretfile::write_private(&path, plist.as_bytes())?;
     if o.root == Path::new("/") && o.start {

@@ -29,19 +29,13 @@ fn env_line(key: &str, value: &str) -> String {
 pub fn install(o: &InstallOptions) -> anyhow::Result<String> {
     let mut done = Vec::new();
     let unit_path = under(&o.root, UNIT_PATH);
-    if let Some(dir) = unit_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let unit = unit_for(&o.exe);
     if std::fs::read_to_string(&unit_path).ok().as_deref() != Some(unit.as_str()) {
-        write_atomic(&unit_path, unit.as_bytes(), 0o644)?;
+        proto::secretfile::write_atomic(&unit_path, unit.as_bytes(), 0o644)?;
         done.push(format!("wrote {}", unit_path.display()));
     }
     if o.login_server.is_some() || o.auth_key.is_some() {
         let env_path = under(&o.root, ENV_PATH);
-        if let Some(dir) = env_path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
         let mut env =
             String::from("# agentd's settings (see `agentd up --help`); read by agentd.service\n");
         if let Some(u) = &o.login_server {
@@ -118,27 +112,6 @@ pub fn status(root: &Path) -> anyhow::Result<String> {
         "installed; {}",
         String::from_utf8_lossy(&out.stdout).trim()
     ))
-}
-
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(data)?;
-    tmp.1.sync_all()?;
-    std::fs::set_permissions(&tmp.0, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp.0, path)
-}
-
-fn tempfile_in(dir: &Path) -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
-    let path = dir.join(format!(".agentd.service.{}.tmp", std::process::id()));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    Ok((path, f))
 }
 
 #[cfg(test)]
