@@ -37,13 +37,22 @@ pub enum Query {
     Whois(IpAddr, oneshot::Sender<Option<PeerStatus>>),
     /// A disco ping to the peer named (or addressed) `peer`; the answer comes when the
     /// pong does (the API side gives up after its timeout).
-    Ping(String, oneshot::Sender<Result<PingResult, String>>),
+    Ping(String, oneshot::Sender<Result<PingResult, PingError>>),
     /// A fresh netcheck report (answered when the next report is ready).
     Netcheck(oneshot::Sender<NetcheckResult>),
     /// Connect again after `Down`.
     Up(oneshot::Sender<()>),
     /// Disconnect from control, remove the tunnel; the daemon keeps running.
     Down(oneshot::Sender<()>),
+}
+
+/// Why a ping was not sent. The status code tells agentctl whether trying again helps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PingError {
+    /// No such peer (404): trying again will not help.
+    NoSuchPeer(String),
+    /// Not possible yet (503): no disco key or no path yet, too many pings in flight.
+    NotYet(String),
 }
 
 /// The running server; the socket file is removed on drop.
@@ -327,7 +336,8 @@ async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Repl
             }
             match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(Ok(r))) => json(&r),
-                Ok(Ok(Err(e))) => error(404, &e),
+                Ok(Ok(Err(PingError::NoSuchPeer(e)))) => error(404, &e),
+                Ok(Ok(Err(PingError::NotYet(e)))) => error(503, &e),
                 Ok(Err(_)) => error(503, "agentd is shutting down"),
                 Err(_) => error(504, &format!("no pong from {peer} within {wait:?}")),
             }
@@ -398,7 +408,7 @@ mod tests {
                         let _ = r.send(None);
                     }
                     Query::Ping(_, r) => {
-                        let _ = r.send(Err("no such peer".into()));
+                        let _ = r.send(Err(PingError::NoSuchPeer("no such peer".into())));
                     }
                     Query::Netcheck(_) => {}
                     Query::Up(r) | Query::Down(r) => {

@@ -24,7 +24,7 @@ use relay::client::RelayEvent;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::api::Query;
+use crate::api::{PingError, Query};
 use crate::peer::{Peer, PeerEvent};
 use crate::relays::Relays;
 use crate::routes::{self, RouteTable};
@@ -207,7 +207,7 @@ pub async fn run(
 
 type ApiWaiter = (
     Instant,
-    tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, String>>,
+    tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, crate::api::PingError>>,
 );
 
 /// `agentctl ping`s in flight at most.
@@ -763,18 +763,20 @@ impl Engine {
     fn api_ping(
         &mut self,
         target: &str,
-        tx: tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, String>>,
+        tx: tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, crate::api::PingError>>,
         now: Instant,
     ) {
         let Some(key) = self.find_peer(target) else {
-            let _ = tx.send(Err(format!("no peer named or addressed {target:?}")));
+            let _ = tx.send(Err(PingError::NoSuchPeer(format!(
+                "no peer named or addressed {target:?}"
+            ))));
             return;
         };
         self.api_waiters.retain(|_, w| {
             now.saturating_duration_since(w.0) < API_PING_FORGET && !w.1.is_closed()
         });
         if self.api_waiters.len() >= MAX_API_PINGS {
-            let _ = tx.send(Err("too many pings in flight".into()));
+            let _ = tx.send(Err(PingError::NotYet("too many pings in flight".into())));
             return;
         }
         let tx_id: disco::TxId = rand::random();
@@ -783,7 +785,9 @@ impl Engine {
             return;
         };
         let Some(packet) = p.seal_ping(&me_disco, &me_node, tx_id) else {
-            let _ = tx.send(Err("the peer has no disco key yet".into()));
+            let _ = tx.send(Err(PingError::NotYet(
+                "the peer has no disco key yet".into(),
+            )));
             return;
         };
         p.on_data_sent(now);
@@ -791,9 +795,9 @@ impl Engine {
         let region = p.home_region;
         self.dirty.insert(key);
         if udp.is_none() && !(relay && region > 0) {
-            let _ = tx.send(Err(
-                "no path to the peer yet (no relay, no direct address)".into()
-            ));
+            let _ = tx.send(Err(PingError::NotYet(
+                "no path to the peer yet (no relay, no direct address)".into(),
+            )));
             return;
         }
         self.api_waiters.insert(tx_id, (now, tx));

@@ -109,7 +109,22 @@ async fn request(sock: &Path, _method: &str, _path: &str) -> anyhow::Result<Vec<
     )
 }
 
-/// One request and its answer's body (an error answer becomes the error).
+/// agentd answered, with an error status; it reads as agentd's message.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: u16,
+    pub msg: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// One request and its answer's body (an error answer becomes a [`Refused`]).
 #[cfg(any(unix, windows))]
 async fn exchange<S>(mut s: S, method: &str, path: &str) -> anyhow::Result<Vec<u8>>
 where
@@ -136,7 +151,7 @@ where
         let msg = serde_json::from_slice::<ApiError>(&body)
             .map(|e| e.error)
             .unwrap_or_else(|_| format!("HTTP {code}"));
-        bail!("{msg}");
+        return Err(Refused { code, msg }.into());
     }
     Ok(body)
 }
@@ -507,14 +522,15 @@ pub async fn ping(conn: &Conn, a: PingArgs) -> anyhow::Result<()> {
                 }
             }
             Err(e) => {
-                let msg = e.to_string();
-                // No such peer, or no daemon: no point in trying again.
-                if msg.contains("no peer named")
-                    || msg.contains("not running")
-                    || msg.contains("permission denied")
-                {
+                // Only "not yet" (503) and "no pong in time" (504) are worth another
+                // ping; no such peer, no daemon, no permission are not.
+                let again = e
+                    .downcast_ref::<Refused>()
+                    .is_some_and(|r| matches!(r.code, 503 | 504));
+                if !again {
                     return Err(e);
                 }
+                let msg = e.to_string();
                 if a.json {
                     println!("{}", serde_json::json!({ "error": msg }));
                 } else {
