@@ -263,6 +263,10 @@ struct Engine {
     reported_home: i32,
     /// Peers whose disco state changed since the last `drive_peers` pass.
     dirty: std::collections::BTreeSet<NodePublic>,
+    /// The earliest disco timer of any peer, as of the last `drive_peers` pass.
+    next_peer_wake: Option<Instant>,
+    /// Peers holding packets until they have a path.
+    stalled: std::collections::BTreeSet<NodePublic>,
     /// Updates for control not handed over yet (see `push_to_control`).
     pending_endpoints: Option<Vec<String>>,
     pending_home: Option<i32>,
@@ -321,6 +325,8 @@ impl Engine {
             heard: Arc::default(),
             reported_home: 0,
             dirty: Default::default(),
+            next_peer_wake: None,
+            stalled: Default::default(),
             pending_endpoints: None,
             pending_home: None,
             control_url: String::new(),
@@ -430,12 +436,7 @@ impl Engine {
         );
 
         loop {
-            let next_peer = self
-                .peers
-                .values()
-                .filter_map(|p| p.poll_timeout())
-                .min()
-                .map(tokio::time::Instant::from_std);
+            let next_peer = self.next_peer_wake.map(tokio::time::Instant::from_std);
             let wake = [
                 Some(next_wg_tick),
                 Some(next_cleanup),
@@ -716,6 +717,8 @@ impl Engine {
         self.tun = None;
         self.peers.clear();
         self.dirty.clear();
+        self.stalled.clear();
+        self.next_peer_wake = None;
         self.by_index.clear();
         self.by_disco.clear();
         self.routes = RouteTable::default();
@@ -763,7 +766,9 @@ impl Engine {
     fn api_ping(
         &mut self,
         target: &str,
-        tx: tokio::sync::oneshot::Sender<Result<proto::localapi::PingResult, crate::api::PingError>>,
+        tx: tokio::sync::oneshot::Sender<
+            Result<proto::localapi::PingResult, crate::api::PingError>,
+        >,
         now: Instant,
     ) {
         let Some(key) = self.find_peer(target) else {
@@ -1097,7 +1102,9 @@ impl Engine {
         if !sent {
             self.counters.send_no_path += 1;
             let held = self.peers.get_mut(&key).is_some_and(|p| p.stall(datagram));
-            if !held {
+            if held {
+                self.stalled.insert(key);
+            } else {
                 self.counters.stalled_dropped += 1;
             }
             tracing::debug!(peer = %key.short(), region, held, "no path to peer yet");
@@ -1166,18 +1173,24 @@ impl Engine {
         }
     }
 
-    /// Sends what was held for peers that now have a path.
+    /// Sends what was held for peers that now have a path (only peers holding packets
+    /// are looked at).
     async fn flush_stalled(&mut self, now: Instant) {
-        let ready: Vec<NodePublic> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                !p.stalled.is_empty()
-                    && (p.path.send_targets(now).udp.is_some()
-                        || self.relays.map().regions.contains_key(&p.home_region))
-            })
-            .map(|(k, _)| *k)
-            .collect();
+        if self.stalled.is_empty() {
+            return;
+        }
+        let mut ready = Vec::new();
+        self.stalled.retain(|k| {
+            let Some(p) = self.peers.get(k).filter(|p| !p.stalled.is_empty()) else {
+                return false; // gone, or its packets went another way
+            };
+            let has_path = p.path.send_targets(now).udp.is_some()
+                || self.relays.map().regions.contains_key(&p.home_region);
+            if has_path {
+                ready.push(*k);
+            }
+            !has_path
+        });
         for k in ready {
             let held = self
                 .peers
@@ -1343,19 +1356,32 @@ impl Engine {
     }
 
     /// Drives the peers something happened to since the last pass, and those whose
-    /// timers are due (not every peer on every pass: with thousands of peers that would
-    /// cost more than the packets).
+    /// timers are due, and notes the earliest timer left: one walk over the peers per
+    /// pass (not each peer driven every pass: with thousands of peers that would cost
+    /// more than the packets).
     async fn drive_peers(&mut self, now: Instant) {
         let mut keys = std::mem::take(&mut self.dirty);
-        keys.extend(
-            self.peers
-                .iter()
-                .filter(|(_, p)| p.poll_timeout().is_some_and(|t| t <= now))
-                .map(|(k, _)| *k),
-        );
-        for k in keys {
-            self.drive_peer(k, now).await;
+        let mut next: Option<Instant> = None;
+        for (k, p) in &self.peers {
+            match p.poll_timeout() {
+                Some(t) if t <= now => {
+                    keys.insert(*k);
+                }
+                Some(t) => next = Some(next.map_or(t, |n| n.min(t))),
+                None => {}
+            }
         }
+        for k in &keys {
+            self.drive_peer(*k, now).await;
+        }
+        // The peers just driven have new timers.
+        for t in keys
+            .iter()
+            .filter_map(|k| self.peers.get(k).and_then(|p| p.poll_timeout()))
+        {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        self.next_peer_wake = next;
     }
 
     /// Runs a peer's disco timers and carries out what it asks for.
