@@ -507,63 +507,18 @@ impl Lab {
     /// the internet routes to it. Returns the LAN prefix.
     fn route_ipv6(&self, node: &Node, inet_if: &str, lan: u8) -> Result<Ipv6Addr> {
         let lan = u16::from(lan);
-        let wan_inet = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, lan, 0, 0, 0, 1);
-        let wan_router = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, lan, 0, 0, 0, 2);
-        let lan_net = Ipv6Addr::new(0x2001, 0xdb8, lan, 0, 0, 0, 0, 0);
-        let lan_router = Ipv6Addr::new(0x2001, 0xdb8, lan, 0, 0, 0, 0, 1);
-        let inet = &self.internet;
-        netns::sysctl(&inet.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        let (_, wan_router) =
+            self.ipv6_uplink(node, "wan", inet_if, [0x2001, 0xdb8, 0xffff, lan])?;
         netns::sysctl(&node.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
-        // nodad: usable at once, not after a second of duplicate address detection.
-        netns::ip(
-            &inet.ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{wan_inet}/64"),
-                "dev",
-                inet_if,
-                "nodad",
-            ],
-        )?;
-        netns::ip(
+        let lan_net = Ipv6Addr::new(0x2001, 0xdb8, lan, 0, 0, 0, 0, 0);
+        ipv6_address(
             &node.ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{wan_router}/64"),
-                "dev",
-                "wan",
-                "nodad",
-            ],
+            "lan",
+            Ipv6Addr::new(0x2001, 0xdb8, lan, 0, 0, 0, 0, 1),
+            None,
         )?;
         netns::ip(
-            &node.ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{lan_router}/64"),
-                "dev",
-                "lan",
-                "nodad",
-            ],
-        )?;
-        netns::ip(
-            &node.ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &wan_inet.to_string(),
-            ],
-        )?;
-        netns::ip(
-            &inet.ns,
+            &self.internet.ns,
             &[
                 "-6",
                 "route",
@@ -574,6 +529,25 @@ impl Lab {
             ],
         )?;
         Ok(lan_net)
+    }
+
+    /// IPv6 on the link between the internet's `inet_if` and `node`'s `node_if`: the /64
+    /// `net`, `::1` the internet's end (which forwards IPv6), `::2` the node's, with its
+    /// default route through `::1`. Returns both addresses.
+    fn ipv6_uplink(
+        &self,
+        node: &Node,
+        node_if: &str,
+        inet_if: &str,
+        net: [u16; 4],
+    ) -> Result<(Ipv6Addr, Ipv6Addr)> {
+        let [a, b, c, d] = net;
+        let inet6 = Ipv6Addr::new(a, b, c, d, 0, 0, 0, 1);
+        let node6 = Ipv6Addr::new(a, b, c, d, 0, 0, 0, 2);
+        netns::sysctl(&self.internet.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        ipv6_address(&self.internet.ns, inet_if, inet6, None)?;
+        ipv6_address(&node.ns, node_if, node6, Some(inet6))?;
+        Ok((inet6, node6))
     }
 
     /// Connects `node` to `router`'s LAN bridge on interface `node_if`; returns its
@@ -627,23 +601,7 @@ impl Lab {
                 seg[7] = u16::from(host);
                 let ip6 = Ipv6Addr::from(seg);
                 seg[7] = 1;
-                let gateway = Ipv6Addr::from(seg);
-                netns::ip(
-                    &node.ns,
-                    &[
-                        "-6",
-                        "addr",
-                        "add",
-                        &format!("{ip6}/64"),
-                        "dev",
-                        node_if,
-                        "nodad",
-                    ],
-                )?;
-                netns::ip(
-                    &node.ns,
-                    &["-6", "route", "add", "default", "via", &gateway.to_string()],
-                )?;
+                ipv6_address(&node.ns, node_if, ip6, Some(Ipv6Addr::from(seg)))?;
                 Some(ip6)
             }
             _ => None,
@@ -685,37 +643,7 @@ impl Lab {
         let dev = self.next_interface(&node, "eth");
         let (inet_if, uplink) = self.attach_to_internet(&node, ip, &dev, None)?;
         let n = u16::from(ip.octets()[3]);
-        let inet6 = Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, n, 0, 0, 0, 1);
-        let ip6 = Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, n, 0, 0, 0, 2);
-        netns::sysctl(&self.internet.ns, &[("net.ipv6.conf.all.forwarding", "1")])?;
-        netns::ip(
-            &self.internet.ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{inet6}/64"),
-                "dev",
-                &inet_if,
-                "nodad",
-            ],
-        )?;
-        netns::ip(
-            &node.ns,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip6}/64"),
-                "dev",
-                &dev,
-                "nodad",
-            ],
-        )?;
-        netns::ip(
-            &node.ns,
-            &["-6", "route", "add", "default", "via", &inet6.to_string()],
-        )?;
+        let (_, ip6) = self.ipv6_uplink(&node, &dev, &inet_if, [0x2001, 0xdb8, 0xfffe, n])?;
         Ok(Host {
             node,
             ip,
@@ -1117,6 +1045,20 @@ impl Lab {
         };
         PacketCounter::install(&node.ns, &name, filter)
     }
+}
+
+/// Adds `ip`/64 on `dev` in `ns` without duplicate address detection (usable at once),
+/// and, with a `gateway`, the default IPv6 route through it.
+fn ipv6_address(ns: &str, dev: &str, ip: Ipv6Addr, gateway: Option<Ipv6Addr>) -> Result<()> {
+    let cidr = format!("{ip}/64");
+    netns::ip(ns, &["-6", "addr", "add", &cidr, "dev", dev, "nodad"])?;
+    if let Some(g) = gateway {
+        netns::ip(
+            ns,
+            &["-6", "route", "add", "default", "via", &g.to_string()],
+        )?;
+    }
+    Ok(())
 }
 
 /// Echoes every datagram back to its sender until `stop` is set.
