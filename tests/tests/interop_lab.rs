@@ -27,6 +27,12 @@ fn tailscale_bin(name: &str) -> Option<PathBuf> {
     tests::interop::tool(name)
 }
 
+/// Whether tailscaled and its CLI are here (`tool` fails the test under CI=true when
+/// they should be and are not).
+fn have_tailscaled() -> bool {
+    tailscale_bin("tailscaled").is_some() && tailscale_bin("tailscale").is_some()
+}
+
 /// A tailscaled in `host`, logged in to `control`.
 struct Tailscaled {
     host: Host,
@@ -131,7 +137,7 @@ impl Tailscaled {
 #[test]
 fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
     let lab = lab_or_skip!();
-    if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
+    if !have_tailscaled() {
         return;
     }
     let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
@@ -167,7 +173,7 @@ fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
 /// else over the routers' public IPv4 addresses.
 fn agentd_and_tailscaled_go_direct(spec: RouterSpec, v6: bool) {
     let lab = lab_or_skip!();
-    if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
+    if !have_tailscaled() {
         return;
     }
     let (_region, control) = scenario::one_region_and_control(&lab).unwrap();
@@ -299,7 +305,7 @@ fn start_headscale(lab: &Lab, region: &scenario::Region) -> Option<Control> {
 #[test]
 fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
     let lab = lab_or_skip!();
-    if tailscale_bin("tailscaled").is_none() || tailscale_bin("tailscale").is_none() {
+    if !have_tailscaled() {
         return;
     }
     let region = scenario::start_region(&lab, 901, 10).unwrap();
