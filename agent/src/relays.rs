@@ -202,11 +202,11 @@ impl Relays {
     /// Notes an event from `region` (for "heard from recently" and connection state).
     pub fn note_event(&mut self, region: i32, ev: &RelayEvent, now: Instant) {
         match ev {
-            RelayEvent::Connected { .. } => {
+            RelayEvent::Connected { remote, .. } => {
                 if let Some(c) = self.conns.get_mut(&region) {
                     c.connected = true;
                 }
-                tracing::info!(region, "relay connected");
+                tracing::info!(region, addr = %remote, "relay connected");
                 self.last_heard.insert(region, now);
             }
             RelayEvent::Disconnected { error, retry_in } => {

@@ -71,8 +71,9 @@ async fn client_reconnects_with_capped_backoff_and_renotes_preferred() {
     // The relay comes back: the client reconnects by itself and re-sends NotePreferred.
     let srv = start(restart_cfg).await;
     loop {
-        if let RelayEvent::Connected { server_key } = next_event(&mut events).await {
+        if let RelayEvent::Connected { server_key, remote } = next_event(&mut events).await {
             assert_eq!(server_key, srv.public_key());
+            assert_eq!(remote, srv.http_addr());
             break;
         }
     }
@@ -105,6 +106,36 @@ async fn client_reconnects_with_capped_backoff_and_renotes_preferred() {
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn a_dead_node_is_skipped_for_the_regions_next_one_and_the_event_says_which() {
+    // The first node refuses connections; the region's second one answers.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b = start(config()).await;
+    let mut cc = RelayClientConfig::new(plain(dead), NodePrivate::generate());
+    cc.alternates = vec![plain(b.http_addr())];
+    cc.backoff_min = Duration::from_millis(20);
+    cc.backoff_max = Duration::from_millis(50);
+    let (_rc, mut events) = RelayClient::spawn(cc);
+    let remote = loop {
+        if let RelayEvent::Connected { remote, .. } = next_event(&mut events).await {
+            break remote;
+        }
+    };
+    assert_eq!(remote, b.http_addr());
+
+    // The second node goes away and the first comes up at its address: back to the first.
+    let mut a_cfg = config();
+    a_cfg.listen = dead;
+    let a = start(a_cfg).await;
+    b.shutdown().await;
+    let remote = loop {
+        if let RelayEvent::Connected { remote, .. } = next_event(&mut events).await {
+            break remote;
+        }
+    };
+    assert_eq!(remote, a.http_addr());
 }
 
 #[tokio::test]

@@ -327,22 +327,28 @@ fn profile_dir() -> Result<PathBuf> {
 }
 
 /// Path of binary `bin` of workspace package `package` built with `features`: next to the
-/// running test executable if it is there, otherwise built now with
-/// `$CARGO build -p <package> --bin <bin> --features …` into the same target folder.
+/// running test executable if it is there and newer than every source file of the
+/// workspace, otherwise built now with `$CARGO build -p <package> --bin <bin> --features …`
+/// into the same target folder. (`cargo test -p tests` builds only this package's
+/// binaries: without the check a lab test would run an agentd older than its source.)
 pub fn workspace_bin(package: &str, bin: &str, features: &[&str]) -> Result<PathBuf> {
     let profile_dir = profile_dir()?;
     let path = profile_dir.join(bin);
     let mut resolved = RESOLVED.lock().unwrap_or_else(|e| e.into_inner());
-    if resolved.contains(&path) || path.is_file() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or_else(|| Path::new("."));
+    let fresh = || {
+        let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        built.is_some_and(|b| newest_source(workspace).is_none_or(|s| s <= b))
+    };
+    if resolved.contains(&path) || fresh() {
         resolved.insert(path.clone());
         return Ok(path);
     }
     let cargo = std::env::var_os("CARGO")
         .or_else(|| option_env!("CARGO").map(Into::into))
         .unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or_else(|| Path::new("."));
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
         .args(["build", "--quiet", "-p", package, "--bin", bin]);
@@ -373,6 +379,32 @@ pub fn workspace_bin(package: &str, bin: &str, features: &[&str]) -> Result<Path
     }
     resolved.insert(path.clone());
     Ok(path)
+}
+
+/// When a Rust source or manifest of the workspace under `dir` last changed (build
+/// output, git data and hidden folders are not looked at).
+fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    stack.push(e.path());
+                }
+            } else if name.ends_with(".rs") || name == "Cargo.toml" || name == "Cargo.lock" {
+                let t = e.metadata().and_then(|m| m.modified()).ok();
+                newest = newest.max(t);
+            }
+        }
+    }
+    newest
 }
 
 /// The relay server (`relayd`, package `relay`, feature `server`).

@@ -123,6 +123,23 @@ impl Tailscaled {
         )
     }
 
+    /// The host names `tailscale status --json` lists as peers.
+    fn peer_names(&self, lab: &Lab) -> Vec<String> {
+        let (ok, out) = self.run(lab, &["status", "--json"]);
+        assert!(ok, "tailscale status --json: {out}");
+        let status: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("tailscale status --json: {e}: {out}"));
+        status["Peer"]
+            .as_object()
+            .map(|peers| {
+                peers
+                    .values()
+                    .filter_map(|p| p["HostName"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// `tailscale ping` until a direct pong (at most 20 pings); returns its output.
     fn ping_until_direct(&self, lab: &Lab, ip: Ipv4Addr) -> String {
         let (ok, out) = self.run(
@@ -149,10 +166,8 @@ fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
     let b = Tailscaled::start(&lab, &hb, "tb", &control);
 
     // Each lists the other.
-    let (ok, status) = a.run(&lab, &["status"]);
-    assert!(ok && status.contains("tb"), "{status}");
-    let (ok, status) = b.run(&lab, &["status"]);
-    assert!(ok && status.contains("ta"), "{status}");
+    assert_eq!(a.peer_names(&lab), ["tb"]);
+    assert_eq!(b.peer_names(&lab), ["ta"]);
 
     let out = a.ping_until_direct(&lab, b.ip);
     eprintln!("tailscale ping tb:\n{out}");
@@ -210,6 +225,25 @@ fn agentd_and_tailscaled_go_direct(spec: RouterSpec, v6: bool) {
     for _ in 0..3 {
         assert!(ping_once(&lab, &ha, b.ip, Duration::from_secs(1)).is_some());
     }
+    // And from tailscaled's side: an ICMP echo through the tunnel, answered by alice's
+    // kernel behind agentd's TUN device.
+    let (ok, out) = b.run(
+        &lab,
+        &[
+            "ping",
+            "--icmp",
+            "--c",
+            "5",
+            "--timeout",
+            "2s",
+            &a.ip.to_string(),
+        ],
+    );
+    assert!(
+        ok && out.contains(&format!("pong from alice ({})", a.ip)),
+        "tailscale ping --icmp alice:\n{out}"
+    );
+    assert_eq!(b.peer_names(&lab), ["alice"]);
     // agentd sees tailscaled as a direct peer, at the address expected.
     let peer = a
         .peer(&lab, "tb")

@@ -193,6 +193,8 @@ pub struct RelayConn {
     /// The relay's public key (from its ServerKey frame).
     pub server_key: NodePublic,
     pub server_info: ServerInfo,
+    /// The address that answered (of the target's several, or of its name's).
+    pub remote: SocketAddr,
 }
 
 /// Dials `target` and completes the DERP handshake as `key`.
@@ -211,7 +213,8 @@ pub async fn connect(
     }
 }
 
-async fn dial(target: &RelayTarget, name: &str) -> Result<TcpStream, ConnectError> {
+/// Dials `target`; returns the stream and the address that answered.
+async fn dial(target: &RelayTarget, name: &str) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let dial_err = |source| ConnectError::Dial {
         target: name.to_string(),
         source,
@@ -234,9 +237,11 @@ async fn dial(target: &RelayTarget, name: &str) -> Result<TcpStream, ConnectErro
         found.sort_by_key(|a| a.is_ipv6());
         Ok(found)
     };
-    race_connect(fixed, lookup, DIAL_STAGGER, DIAL_ATTEMPT_TIMEOUT)
+    let tcp = race_connect(fixed, lookup, DIAL_STAGGER, DIAL_ATTEMPT_TIMEOUT)
         .await
-        .map_err(dial_err)
+        .map_err(dial_err)?;
+    let remote = tcp.peer_addr().map_err(dial_err)?;
+    Ok((tcp, remote))
 }
 
 /// Connects to the first address that answers: `addrs` in order, then what `more`
@@ -320,7 +325,7 @@ async fn connect_inner(
     info: &ClientInfo,
     name: &str,
 ) -> Result<RelayConn, ConnectError> {
-    let tcp = dial(target, name).await?;
+    let (tcp, remote) = dial(target, name).await?;
     let mut stream = secure(target, tcp, name).await?;
     let upgrade_err = |status: String| ConnectError::Upgrade {
         target: name.to_string(),
@@ -385,7 +390,7 @@ async fn connect_inner(
         }
         None => (stream, rest),
     };
-    handshake(stream, prefix, key, info, name).await
+    handshake(stream, prefix, key, info, name, remote).await
 }
 
 /// Wraps a dialled connection in TLS when the target wants it.
@@ -422,11 +427,7 @@ pub async fn latency_check(
 ) -> Result<(Duration, SocketAddr), ConnectError> {
     let name = format!("{}:{}", target.host, target.port);
     let work = async {
-        let tcp = dial(target, &name).await?;
-        let remote = tcp.peer_addr().map_err(|source| ConnectError::Dial {
-            target: name.clone(),
-            source,
-        })?;
+        let (tcp, remote) = dial(target, &name).await?;
         let mut stream = secure(target, tcp, &name).await?;
         let err = |e: std::io::Error| ConnectError::Upgrade {
             target: name.clone(),
@@ -466,13 +467,15 @@ pub async fn latency_check(
     }
 }
 
-/// Runs the DERP handshake on an upgraded stream (`prefix` = bytes read past the HTTP head).
+/// Runs the DERP handshake on an upgraded stream (`prefix` = bytes read past the HTTP head)
+/// to the relay at `remote`.
 pub async fn handshake(
     stream: BoxStream,
     prefix: BytesMut,
     key: &NodePrivate,
     info: &ClientInfo,
     name: &str,
+    remote: SocketAddr,
 ) -> Result<RelayConn, ConnectError> {
     let hs_err = |why: String| ConnectError::Handshake {
         target: name.to_string(),
@@ -512,6 +515,7 @@ pub async fn handshake(
         writer,
         server_key,
         server_info,
+        remote,
     })
 }
 

@@ -71,6 +71,8 @@ impl RelayClientConfig {
 pub enum RelayEvent {
     Connected {
         server_key: NodePublic,
+        /// The node's address that answered: which of the region's nodes this is.
+        remote: SocketAddr,
     },
     Packet {
         src: NodePublic,
@@ -209,10 +211,11 @@ async fn run(
             Ok(conn) => {
                 backoff.reset();
                 stats.connects.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(relay = %target.host, server = %conn.server_key.short(), "connected to relay");
+                tracing::info!(relay = %target.host, addr = %conn.remote, server = %conn.server_key.short(), "connected to relay");
                 if events
                     .send(RelayEvent::Connected {
                         server_key: conn.server_key,
+                        remote: conn.remote,
                     })
                     .await
                     .is_err()
