@@ -971,7 +971,16 @@ impl Engine {
                 }),
                 tun: self.tun.as_ref().map(|t| t.name().to_string()),
             },
-            counters: self.counters.to_map(&self.relays.counters),
+            counters: {
+                let mut m = self.counters.to_map(&self.relays.counters);
+                // Path selection's counters, summed over the current peers.
+                for p in self.peers.values() {
+                    for (name, n) in p.path.counters.named() {
+                        *m.entry(format!("disco_{name}")).or_default() += n;
+                    }
+                }
+                m
+            },
             peers: self
                 .peers
                 .values()
@@ -1299,8 +1308,15 @@ impl Engine {
                     send.push(Bytes::copy_from_slice(b));
                 }
             }
-            WgAction::Drop(r) => *self.counters.wg_drop.entry(r).or_default() += 1,
+            WgAction::Drop(r) => {
+                *self.counters.wg_drop.entry(r).or_default() += 1;
+                return;
+            }
             WgAction::None => {}
+        }
+        if relay_src.is_none() && from.is_some() {
+            // Authentic and direct: the direct path is alive (disco's silence check).
+            p.path.on_heard_direct(now);
         }
         for b in send {
             self.send_to_peer(key, b, now).await;

@@ -126,6 +126,27 @@ pub struct PathCounters {
     /// Actions dropped because the caller did not drain them.
     pub actions_dropped: u64,
     pub path_changes: u64,
+    /// Pings sent because a trusted path went quiet while data went out.
+    pub silence_probes: u64,
+    /// Times a quiet path lost its trust early because the ping went unanswered.
+    pub silence_distrusted: u64,
+}
+
+impl PathCounters {
+    /// Every counter by name.
+    pub fn named(&self) -> [(&'static str, u64); 9] {
+        [
+            ("pings_sent", self.pings_sent),
+            ("pongs_received", self.pongs_received),
+            ("pings_timed_out", self.pings_timed_out),
+            ("unknown_pongs", self.unknown_pongs),
+            ("candidates_dropped", self.candidates_dropped),
+            ("actions_dropped", self.actions_dropped),
+            ("path_changes", self.path_changes),
+            ("silence_probes", self.silence_probes),
+            ("silence_distrusted", self.silence_distrusted),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +270,12 @@ pub struct PathState {
     trust_until: Option<Instant>,
     has_relay: bool,
     last_data: Option<Instant>,
+    /// When something last came from the peer over the best path (a pong, a ping, an
+    /// authenticated WireGuard packet)…
+    last_heard: Option<Instant>,
+    /// …and the first ping to the best path after that (if it is older than
+    /// `last_heard`, it was answered or overtaken: there is none).
+    quiet_ping: Option<Instant>,
     heartbeat_at: Option<Instant>,
     last_full_ping: Option<Instant>,
     discovering_since: Option<Instant>,
@@ -271,6 +298,8 @@ impl PathState {
             trust_until: None,
             has_relay: false,
             last_data: None,
+            last_heard: None,
+            quiet_ping: None,
             heartbeat_at: None,
             last_full_ping: None,
             discovering_since: None,
@@ -385,6 +414,13 @@ impl PathState {
         }
         let tx_id: TxId = self.rng.gen();
         self.outstanding.insert(tx_id, (to, now));
+        if self.best.is_some_and(|b| b.addr == to)
+            && self
+                .quiet_ping
+                .is_none_or(|q| self.last_heard.is_some_and(|h| q < h))
+        {
+            self.quiet_ping = Some(now);
+        }
         if let Some(c) = self.candidates.get_mut(&to) {
             c.last_ping_sent = Some(now);
         }
@@ -487,6 +523,9 @@ impl PathState {
     /// every 500 ms) so both NATs open. The caller answers the ping with a pong itself.
     pub fn on_ping(&mut self, via: Via, _tx_id: TxId, now: Instant) {
         let Via::Udp(from) = via else { return };
+        if self.best.is_some_and(|b| b.addr == from) {
+            self.last_heard = Some(now);
+        }
         let is_new = !self.candidates.contains_key(&from);
         let Some(c) = self.candidate_mut(from) else {
             return;
@@ -564,7 +603,55 @@ impl PathState {
             if b.addr == to {
                 b.latency = cand_latency;
                 self.trust_until = Some(now + TRUST_UDP_ADDR);
+                self.last_heard = Some(now);
             }
+        }
+    }
+
+    /// An authenticated packet (WireGuard) arrived from the peer over UDP, not through a
+    /// relay: the direct path works, inwards at least.
+    pub fn on_heard_direct(&mut self, now: Instant) {
+        self.last_heard = Some(now);
+    }
+
+    /// The silence check's deadline: when to ping the quiet trusted path, or when its
+    /// unanswered ping ends the trust. `None` unless the path is trusted and data went
+    /// out since anything came back. A deadline at or past the trust's end is none: the
+    /// trust ends by itself then (and a deadline `handle_timeout` would not act on
+    /// would come back forever).
+    fn silence_deadline(&self) -> Option<Instant> {
+        let (Some(b), Some(trust), Some(heard), Some(sent)) =
+            (self.best, self.trust_until, self.last_heard, self.last_data)
+        else {
+            return None;
+        };
+        if sent <= heard {
+            return None;
+        }
+        let due = match self.quiet_ping.filter(|q| *q >= heard) {
+            Some(q) => q + SILENCE_PROBE_WAIT.max(b.latency * 4),
+            None => heard + SILENCE_PROBE_AFTER,
+        };
+        (due < trust).then_some(due)
+    }
+
+    /// Pings the quiet trusted path, or ends its trust if the ping went unanswered (see
+    /// [`SILENCE_PROBE_AFTER`]).
+    fn check_silence(&mut self, now: Instant) {
+        let (Some(due), Some(b)) = (self.silence_deadline(), self.best) else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let heard = self.last_heard.unwrap_or(now);
+        if self.quiet_ping.is_some_and(|q| q >= heard) {
+            // The trust ended at the deadline (so the deadline is past it: no repeat).
+            self.trust_until = Some(due);
+            self.counters.silence_distrusted += 1;
+        } else {
+            self.counters.silence_probes += 1;
+            self.send_ping(b.addr, now);
         }
     }
 
@@ -609,6 +696,7 @@ impl PathState {
 
     /// Runs the timers due at `now`: lost pings, heartbeats, candidate expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.check_silence(now);
         // Lost pings: the candidate is penalised; a lost ping on an untrusted best path
         // clears it (traffic is on the relay alone until something answers).
         let lost: Vec<(TxId, SocketAddr)> = self
@@ -679,6 +767,9 @@ impl PathState {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t: Option<Instant> = self.heartbeat_at;
         let mut consider = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
+        if let Some(due) = self.silence_deadline() {
+            consider(due);
+        }
         if let Some(oldest) = self.outstanding.values().map(|(_, s)| *s).min() {
             consider(oldest + PING_TIMEOUT);
         }
@@ -882,6 +973,172 @@ mod tests {
                 relay: true
             }
         );
+    }
+
+    /// A direct path carrying traffic both ways, then blackholed at `cut`: returns the
+    /// state and the time (after `cut`) the relay was first used again, the time the
+    /// path was given up, and how often `handle_timeout` ran.
+    fn blackhole_after(cut: Duration, until: Duration) -> (PathState, Duration, Duration, usize) {
+        let t0 = Instant::now();
+        let ep = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(ep, ms(10))], t0);
+        drain(&mut p);
+        let (mut relay_at, mut lost_at, mut runs) = (None, None, 0);
+        let mut now = t0;
+        while now < t0 + until {
+            now += ms(10);
+            p.on_data_sent(now);
+            let alive = now < t0 + cut;
+            if alive {
+                // The peer's packets (TCP acknowledgements, say) come back directly.
+                p.on_heard_direct(now);
+            }
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now);
+                runs += 1;
+            }
+            let (pings, _, changes) = drain(&mut p);
+            if alive {
+                answer(&mut p, &pings, &[(ep, ms(10))], now);
+                assert!(
+                    !p.send_targets(now).relay,
+                    "relay used while the path works"
+                );
+            } else {
+                if relay_at.is_none() && p.send_targets(now).relay {
+                    relay_at = Some(now - (t0 + cut));
+                }
+                if changes.contains(&Path::Relay) {
+                    lost_at.get_or_insert(now - (t0 + cut));
+                }
+            }
+        }
+        (
+            p,
+            relay_at.expect("relay used again"),
+            lost_at.expect("path given up"),
+            runs,
+        )
+    }
+
+    #[test]
+    fn quiet_path_is_probed_and_distrusted_long_before_the_trust_window_ends() {
+        // Cut at several points of the heartbeat rhythm.
+        for cut_ms in [10_000, 10_700, 11_400, 12_100, 12_900] {
+            let (p, relay_at, lost_at, runs) = blackhole_after(ms(cut_ms), ms(cut_ms + 15_000));
+            // Quiet for 1.5 s, then a ping unanswered for 1 s (a heartbeat that went
+            // out during the quiet counts as that ping): relay copies within 2.5 s.
+            assert!(
+                relay_at <= SILENCE_PROBE_AFTER + SILENCE_PROBE_WAIT + ms(20),
+                "cut at {cut_ms} ms: relay again after {relay_at:?}"
+            );
+            assert!(relay_at < TRUST_UDP_ADDR / 2, "{relay_at:?}");
+            // The path itself is given up when that ping is lost (5 s).
+            assert!(
+                lost_at <= SILENCE_PROBE_AFTER + PING_TIMEOUT + ms(20),
+                "cut at {cut_ms} ms: given up after {lost_at:?}"
+            );
+            assert_eq!(p.counters.silence_distrusted, 1);
+            // The timer ran a bounded number of times (no deadline that stays due).
+            assert!(runs < 200, "handle_timeout ran {runs} times");
+        }
+    }
+
+    #[test]
+    fn traffic_coming_back_keeps_the_path_trusted_without_extra_pings() {
+        // Never cut: 30 s of traffic both ways.
+        let t0 = Instant::now();
+        let ep = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(ep, ms(10))], t0);
+        drain(&mut p);
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(30) {
+            now += ms(10);
+            p.on_data_sent(now);
+            p.on_heard_direct(now);
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now);
+            }
+            let (pings, _, _) = drain(&mut p);
+            answer(&mut p, &pings, &[(ep, ms(10))], now);
+            assert!(!p.send_targets(now).relay);
+        }
+        assert_eq!(p.counters.silence_probes, 0);
+        assert!(p.counters.pings_sent <= 12, "{:?}", p.counters);
+    }
+
+    #[test]
+    fn one_way_traffic_is_probed_but_stays_trusted_while_pongs_come() {
+        // Data goes out, nothing comes back but the pongs.
+        let t0 = Instant::now();
+        let ep = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(ep, ms(10))], t0);
+        drain(&mut p);
+        let mut now = t0;
+        let mut runs = 0;
+        while now < t0 + Duration::from_secs(30) {
+            now += ms(10);
+            p.on_data_sent(now);
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now);
+                runs += 1;
+            }
+            let (pings, _, changes) = drain(&mut p);
+            assert!(changes.is_empty());
+            answer(&mut p, &pings, &[(ep, ms(10))], now);
+            assert!(!p.send_targets(now + ms(10)).relay, "at {:?}", now - t0);
+        }
+        // A ping about every 1.5 s instead of every 3 s; never distrusted.
+        assert!(p.counters.silence_probes >= 10, "{:?}", p.counters);
+        assert!(p.counters.pings_sent <= 30, "{:?}", p.counters);
+        assert_eq!(p.counters.silence_distrusted, 0);
+        assert!(runs < 100, "handle_timeout ran {runs} times");
+    }
+
+    #[test]
+    fn a_late_pong_restores_the_trust_a_quiet_path_lost() {
+        let t0 = Instant::now();
+        let ep = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(ep, ms(10))], t0);
+        drain(&mut p);
+        let mut probe = None;
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(4) {
+            now += ms(10);
+            p.on_data_sent(now);
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now);
+            }
+            let (pings, _, _) = drain(&mut p);
+            probe = probe.or(pings.first().copied());
+        }
+        assert!(
+            p.send_targets(now).relay,
+            "distrusted while the pong is late"
+        );
+        // The pong of that ping arrives late (a delay spike, not a dead path).
+        let (to, tx) = probe.expect("the quiet path was pinged");
+        p.on_pong(to, tx, addr("192.0.2.200:1"), now);
+        assert_eq!(
+            p.send_targets(now),
+            SendTargets {
+                udp: Some(ep),
+                relay: false
+            }
+        );
+        assert_eq!(p.path(), Path::Direct(ep));
     }
 
     /// Two peers on a simulated network where each can reach the other only after it

@@ -512,11 +512,18 @@ fn tcp_stream_survives_a_blackholed_direct_path_and_returns_to_direct() {
         std::thread::sleep(Duration::from_millis(20));
     };
     eprintln!("direct path blackholed: packets on the relay after {to_relay:?}");
-    // The last pong came at the latest when the rule went in; its trust runs out one
-    // trust window later and from then on packets go to the relay too.
+    // Within the trust window (the last pong came at the latest when the rule went in),
+    // and in fact much sooner: the path went quiet while packets went out, so agentd
+    // pinged it at once and stopped trusting it when the ping went unanswered.
+    let quiet = disco::defaults::SILENCE_PROBE_AFTER + disco::defaults::SILENCE_PROBE_WAIT;
     assert!(
-        to_relay < disco::defaults::TRUST_UDP_ADDR + Duration::from_millis(300),
+        to_relay < disco::defaults::TRUST_UDP_ADDR && to_relay < quiet + Duration::from_millis(750),
         "moved to the relay only after {to_relay:?}"
+    );
+    let counters = a.status(&lab).unwrap()["counters"].clone();
+    assert!(
+        counters["disco_silence_distrusted"].as_u64() >= Some(1),
+        "{counters:#}"
     );
     a.agentd
         .wait_for_output("path=relay", Duration::from_secs(10))
