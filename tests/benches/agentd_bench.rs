@@ -3,7 +3,8 @@
 //! agentd_bench`; needs root, iperf3, and for the comparison `boringtun-cli` and `wg`).
 //!
 //! Two hosts on the lab's internet (one routed hop, veth links), a relay region and
-//! controld for agentd's control plane. Each contender is measured in turn, in rounds, so
+//! controld for agentd's control plane; a third host that the first reaches only through
+//! the relay (their UDP is dropped) for the relayed row. Each contender is measured in turn, in rounds, so
 //! the machine's noise spreads over all of them; the medians are printed as a Markdown
 //! table for BENCHMARKS.md.
 
@@ -258,6 +259,15 @@ fn main() {
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_kib(a.agentd.pid());
 
+    // Carol is a third device alice can reach only through the relay (UDP between the two
+    // is dropped): the relayed row.
+    let hc = lab.add_public_host("carol").unwrap();
+    lab.block_udp(lab.internet(), ha.ip, hc.ip).unwrap();
+    let c = scenario::start_agentd(&lab, &hc, "carol", &control).unwrap();
+    scenario::wait_for_ping(&lab, &ha, c.ip, Duration::from_secs(10))
+        .expect("alice cannot reach carol through the relay");
+    let _server_c = lab.spawn(&hc, "iperf3", ["-s", "--forceflush"]).unwrap();
+
     let with_bt = have_program("boringtun-cli") && have_program("wg");
     if !with_bt {
         eprintln!("boringtun-cli or wg missing: no comparison (cargo install boringtun-cli; apt install wireguard-tools)");
@@ -269,6 +279,7 @@ fn main() {
 
     let mut rows: Vec<(&str, Ipv4Addr)> =
         vec![("raw veth (no tunnel)", hb.ip), ("agentd (direct)", b.ip)];
+    rows.push(("agentd (through relayd)", c.ip));
     if with_bt {
         rows.push((
             "boringtun-cli, default threads",
