@@ -295,3 +295,283 @@ impl Peer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Pair {
+        me: NodePrivate,
+        my_disco: DiscoPrivate,
+        them: NodePrivate,
+        their_disco: DiscoPrivate,
+    }
+
+    fn pair() -> Pair {
+        Pair {
+            me: NodePrivate::generate(),
+            my_disco: DiscoPrivate::generate(),
+            them: NodePrivate::generate(),
+            their_disco: DiscoPrivate::generate(),
+        }
+    }
+
+    fn node(p: &Pair, endpoints: &[&str], home: i32, with_disco: bool) -> Node {
+        Node {
+            key: p.them.public(),
+            disco_key: with_disco.then(|| p.their_disco.public()),
+            addresses: vec!["100.64.0.2/32".into()],
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            home_derp: home,
+            name: "bob.agentd.internal.".into(),
+            ..Default::default()
+        }
+    }
+
+    /// What the peer sends, opened with the peer's own box.
+    fn sent(
+        p: &Pair,
+        peer: &mut Peer,
+        eps: &[SocketAddr],
+    ) -> Vec<(Option<SocketAddr>, i32, Message)> {
+        let their_box = DiscoBox::new(&p.their_disco, &p.my_disco.public());
+        let mut out = Vec::new();
+        while let Some(e) = peer.poll_event(&p.my_disco.public(), &p.me.public(), eps) {
+            let (to, region, packet) = match e {
+                PeerEvent::SendUdp { to, packet } => (Some(to), 0, packet),
+                PeerEvent::SendRelay { region, packet } => (None, region, packet),
+            };
+            out.push((to, region, their_box.open(&packet).expect("opens")));
+        }
+        out
+    }
+
+    fn from_them(p: &Pair, msg: &Message) -> Vec<u8> {
+        DiscoBox::new(&p.their_disco, &p.my_disco.public()).seal(&p.their_disco.public(), msg)
+    }
+
+    #[test]
+    fn a_ping_is_answered_the_way_it_came() {
+        let p = pair();
+        let now = Instant::now();
+        let mut peer = Peer::new(&node(&p, &[], 901, true), &p.me, &p.my_disco, 1, now);
+        let ping = Message::Ping {
+            tx_id: [5; 12],
+            node_key: Some(p.them.public()),
+            padding: 0,
+        };
+        let from: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        peer.handle_disco(&from_them(&p, &ping), Via::Udp(from), None, now)
+            .unwrap();
+        let out = sent(&p, &mut peer, &[]);
+        assert_eq!(
+            out[0],
+            (
+                Some(from),
+                0,
+                Message::Pong {
+                    tx_id: [5; 12],
+                    src: from
+                }
+            )
+        );
+        // The pinging address became a candidate: with traffic, it is pinged back.
+        assert!(peer.path.candidates().iter().any(|(a, _)| *a == from));
+
+        // Through a relay: the pong goes back through that region, with the relay's
+        // magic address as the source.
+        peer.handle_disco(
+            &from_them(&p, &ping),
+            Via::Relay(902),
+            Some(p.them.public()),
+            now,
+        )
+        .unwrap();
+        let out = sent(&p, &mut peer, &[]);
+        assert_eq!(
+            out,
+            vec![(
+                None,
+                902,
+                Message::Pong {
+                    tx_id: [5; 12],
+                    src: "127.3.3.40:902".parse().unwrap()
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn call_me_maybe_counts_only_through_a_relay_from_its_owner() {
+        let p = pair();
+        let now = Instant::now();
+        let mut peer = Peer::new(&node(&p, &[], 901, true), &p.me, &p.my_disco, 1, now);
+        peer.on_data_sent(now);
+        sent(&p, &mut peer, &[]);
+        let ep: SocketAddr = "203.0.113.9:41641".parse().unwrap();
+        let cmm = from_them(
+            &p,
+            &Message::CallMeMaybe {
+                endpoints: vec![ep],
+            },
+        );
+        assert_eq!(
+            peer.handle_disco(&cmm, Via::Udp(ep), None, now),
+            Err(DiscoDrop::CallMeMaybeNotViaRelay)
+        );
+        let stranger = NodePrivate::generate().public();
+        assert_eq!(
+            peer.handle_disco(&cmm, Via::Relay(901), Some(stranger), now),
+            Err(DiscoDrop::CallMeMaybeNotViaRelay)
+        );
+        assert!(sent(&p, &mut peer, &[]).is_empty(), "nothing pinged");
+        peer.handle_disco(&cmm, Via::Relay(901), Some(p.them.public()), now)
+            .unwrap();
+        let out = sent(&p, &mut peer, &[]);
+        assert!(
+            out.iter()
+                .any(|(to, _, m)| *to == Some(ep) && matches!(m, Message::Ping { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_and_peers_without_a_disco_key_are_refused() {
+        let p = pair();
+        let now = Instant::now();
+        let mut peer = Peer::new(&node(&p, &[], 901, true), &p.me, &p.my_disco, 1, now);
+        let from = Via::Udp("198.51.100.7:41641".parse().unwrap());
+        assert_eq!(
+            peer.handle_disco(b"TS\xf0\x9f\x92\xac", from, None, now),
+            Err(DiscoDrop::Bad)
+        );
+        // Sealed by someone else under the peer's name.
+        let forged = DiscoBox::new(&DiscoPrivate::generate(), &p.my_disco.public()).seal(
+            &p.their_disco.public(),
+            &Message::Ping {
+                tx_id: [1; 12],
+                node_key: None,
+                padding: 0,
+            },
+        );
+        assert_eq!(
+            peer.handle_disco(&forged, from, None, now),
+            Err(DiscoDrop::Bad)
+        );
+        assert!(sent(&p, &mut peer, &[]).is_empty());
+
+        let mut keyless = Peer::new(&node(&p, &[], 901, false), &p.me, &p.my_disco, 2, now);
+        let ping = from_them(
+            &p,
+            &Message::Ping {
+                tx_id: [1; 12],
+                node_key: None,
+                padding: 0,
+            },
+        );
+        assert_eq!(
+            keyless.handle_disco(&ping, from, None, now),
+            Err(DiscoDrop::Bad)
+        );
+        assert!(keyless
+            .seal_ping(&p.my_disco.public(), &p.me.public(), [1; 12])
+            .is_none());
+    }
+
+    #[test]
+    fn an_api_pong_goes_to_the_api_not_to_path_selection() {
+        let p = pair();
+        let now = Instant::now();
+        let ep: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        let mut peer = Peer::new(&node(&p, &[], 901, true), &p.me, &p.my_disco, 1, now);
+        peer.seal_ping(&p.my_disco.public(), &p.me.public(), [9; 12])
+            .unwrap();
+        let pong = from_them(
+            &p,
+            &Message::Pong {
+                tx_id: [9; 12],
+                src: ep,
+            },
+        );
+        peer.handle_disco(&pong, Via::Udp(ep), None, now).unwrap();
+        assert_eq!(peer.api_pongs.pop_front(), Some(([9; 12], Via::Udp(ep))));
+        assert_eq!(peer.path.counters.unknown_pongs, 0);
+        // An unknown pong is path selection's to count.
+        let stray = from_them(
+            &p,
+            &Message::Pong {
+                tx_id: [8; 12],
+                src: ep,
+            },
+        );
+        peer.handle_disco(&stray, Via::Udp(ep), None, now).unwrap();
+        assert_eq!(peer.path.counters.unknown_pongs, 1);
+    }
+
+    #[test]
+    fn no_path_means_the_relay_and_stalled_datagrams_are_bounded() {
+        let p = pair();
+        let now = Instant::now();
+        let mut peer = Peer::new(&node(&p, &[], 0, true), &p.me, &p.my_disco, 1, now);
+        assert_eq!(peer.send_targets(now), (None, true));
+        for i in 0..MAX_STALLED {
+            assert!(
+                peer.stall(bytes::Bytes::from(vec![i as u8])),
+                "datagram {i}"
+            );
+        }
+        assert!(!peer.stall(bytes::Bytes::from_static(b"one too many")));
+        assert_eq!(peer.stalled.len(), MAX_STALLED);
+    }
+
+    #[test]
+    fn mapped_ipv4_endpoints_become_ipv4_and_junk_is_skipped() {
+        let p = pair();
+        let now = Instant::now();
+        let peer = Peer::new(
+            &node(
+                &p,
+                &[
+                    "[::ffff:198.51.100.7]:41641",
+                    "not an address",
+                    "[2001:db8::1]:41641",
+                ],
+                901,
+                true,
+            ),
+            &p.me,
+            &p.my_disco,
+            1,
+            now,
+        );
+        let cands: Vec<SocketAddr> = peer.path.candidates().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(
+            cands,
+            vec![
+                "198.51.100.7:41641".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::1]:41641".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_disco_key_starts_path_selection_over_but_keeps_the_session() {
+        let mut p = pair();
+        let now = Instant::now();
+        let ep = "198.51.100.7:41641";
+        let mut peer = Peer::new(&node(&p, &[ep], 901, true), &p.me, &p.my_disco, 7, now);
+        peer.on_data_sent(now);
+        let pings: Vec<_> = sent(&p, &mut peer, &[]);
+        assert!(!pings.is_empty());
+        // The peer restarted: new disco key. Its old box no longer opens our messages.
+        p.their_disco = DiscoPrivate::generate();
+        peer.update(&node(&p, &[ep], 901, true), &p.my_disco, now);
+        assert_eq!(peer.index, 7);
+        assert_eq!(peer.path.counters.pings_sent, 0, "fresh path state");
+        peer.on_data_sent(now);
+        let out = sent(&p, &mut peer, &[]);
+        assert!(out
+            .iter()
+            .any(|(to, _, _)| to.map(|a| a.to_string()) == Some(ep.into())));
+    }
+}

@@ -251,3 +251,84 @@ impl Relays {
         self.home = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::relaymap::{RelayNode, RelayRegion};
+
+    /// A loopback port nothing listens on (the connections keep retrying; what is
+    /// tested is which ones exist).
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(9)
+    }
+
+    /// A map of `regions`, each with one node on `port` of loopback.
+    fn map(regions: &[i32], closed: u16) -> RelayMap {
+        let mut m = RelayMap::default();
+        for &id in regions {
+            m.regions.insert(
+                id,
+                RelayRegion {
+                    region_id: id,
+                    nodes: vec![RelayNode {
+                        name: format!("{id}a"),
+                        region_id: id,
+                        host_name: "localhost".into(),
+                        ipv4: "127.0.0.1".into(),
+                        ipv6: "none".into(),
+                        derp_port: i32::from(closed),
+                        insecure_for_tests: true,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            );
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn the_home_stays_open_and_other_regions_close_after_a_minute_without_writes() {
+        let (mut r, _events) = Relays::new(NodePrivate::generate());
+        let port = closed_port();
+        r.set_map(map(&[901, 902], port));
+        r.set_home(901);
+        assert_eq!(r.counters.opened, 1);
+        let peer = NodePrivate::generate().public();
+        let t0 = Instant::now();
+        // A peer homed elsewhere: that region is opened on demand.
+        assert!(r.send(902, peer, Bytes::from_static(b"x"), t0));
+        assert_eq!(r.counters.opened, 2);
+        assert!(r.send(902, peer, Bytes::from_static(b"y"), t0));
+        assert_eq!(r.counters.opened, 2, "one connection per region");
+        r.close_idle(t0 + IDLE_CLOSE / 2);
+        assert_eq!(r.counters.closed_idle, 0);
+        r.close_idle(t0 + IDLE_CLOSE + Duration::from_secs(1));
+        assert_eq!(r.counters.closed_idle, 1, "902 closed");
+        assert_eq!(r.conns.keys().copied().collect::<Vec<_>>(), vec![901]);
+        // Writing to it again opens it again.
+        assert!(r.send(902, peer, Bytes::from_static(b"z"), t0));
+        assert_eq!(r.counters.opened, 3);
+    }
+
+    #[tokio::test]
+    async fn unknown_regions_are_counted_and_regions_that_leave_the_map_are_closed() {
+        let (mut r, _events) = Relays::new(NodePrivate::generate());
+        let port = closed_port();
+        r.set_map(map(&[901, 902], port));
+        r.set_home(901);
+        let peer = NodePrivate::generate().public();
+        assert!(!r.send(999, peer, Bytes::from_static(b"x"), Instant::now()));
+        assert_eq!(r.counters.dropped_no_region, 1);
+        assert!(r.send(902, peer, Bytes::from_static(b"x"), Instant::now()));
+        r.set_map(map(&[902], port));
+        assert_eq!(r.conns.keys().copied().collect::<Vec<_>>(), vec![902]);
+        r.close_all();
+        assert!(r.conns.is_empty());
+        assert_eq!(r.home(), None);
+    }
+}

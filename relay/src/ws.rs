@@ -18,6 +18,13 @@ use tokio_tungstenite::WebSocketStream;
 /// The subprotocol a DERP WebSocket must negotiate.
 pub const SUBPROTOCOL: &str = "derp";
 
+/// Largest binary message we send. The WebSocket library of Tailscale's Go programs
+/// (derper's server side and its clients) refuses messages over 32 KiB by default and
+/// drops the connection ("message too big: read limited at 32769 bytes"), so a large
+/// DERP frame, or several coalesced small ones, goes out in pieces; the stream is the
+/// concatenation of the messages, so boundaries do not matter to the reader.
+pub const MAX_MESSAGE: usize = 16 << 10;
+
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 section 4.2.2).
 pub fn accept_key(key: &str) -> String {
     let mut h = Sha1::new();
@@ -95,10 +102,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
     ) -> Poll<io::Result<usize>> {
         let ws = Pin::new(&mut self.ws);
         ready!(Sink::<Message>::poll_ready(ws, cx)).map_err(to_io)?;
+        let n = buf.len().min(MAX_MESSAGE);
         Pin::new(&mut self.ws)
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
             .map_err(to_io)?;
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -113,6 +121,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsByteStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that, like Go's WebSocket library, refuses messages over 32 KiB still
+    /// reads a 64 KiB DERP frame written in one call: it arrives in several messages.
+    #[tokio::test]
+    async fn big_writes_go_out_in_messages_a_go_peer_accepts() {
+        use futures_util::StreamExt as _;
+        use tokio::io::AsyncWriteExt as _;
+
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut ours = WsByteStream::new(a, Role::Client).await;
+        let mut config = WebSocketConfig::default();
+        config.max_message_size = Some(32 << 10);
+        let mut go_like = WebSocketStream::from_raw_socket(b, Role::Server, Some(config)).await;
+        let data: Vec<u8> = (0..(64 << 10) + 37).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn(async move {
+            ours.write_all(&data).await.unwrap();
+            ours.flush().await.unwrap();
+            (ours, data)
+        });
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        while got.len() < (64 << 10) + 37 {
+            match go_like.next().await.unwrap().unwrap() {
+                Message::Binary(m) => {
+                    sizes.push(m.len());
+                    got.extend_from_slice(&m);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let (_ours, data) = writer.await.unwrap();
+        assert_eq!(got, data);
+        assert!(sizes.iter().all(|s| *s <= MAX_MESSAGE), "{sizes:?}");
+        assert!(sizes.len() >= 5, "{sizes:?}");
+    }
 
     #[test]
     fn accept_key_matches_rfc6455_example() {

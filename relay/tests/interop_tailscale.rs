@@ -143,6 +143,11 @@ async fn our_client_exchanges_packets_through_tailscale_derper() {
             (ka.public(), Bytes::from_static(b"hello derper")),
             "{name}"
         );
+        // And back, the largest packet a frame may carry: over WebSocket it must go out
+        // in messages Go's library accepts (it refuses those over 32 KiB).
+        let big = Bytes::from(vec![0x5A; relay::frame::MAX_PACKET_SIZE]);
+        b.writer.send_packet(&ka.public(), &big).await.unwrap();
+        assert_eq!(recv_packet(&mut a).await, (kb.public(), big), "{name}");
         b.writer
             .send(&relay::frame::Frame::Ping { data: *b"12345678" })
             .await
