@@ -34,8 +34,12 @@ use crate::wg::{self, WgAction, WgRoute};
 
 /// Capability version we advertise (Headscale needs ≥ 113).
 pub const CAP_VERSION: u16 = 113;
-/// WireGuard timers are driven this often.
+/// WireGuard timers are driven this often while packets flow…
 const WG_TICK: Duration = Duration::from_millis(250);
+/// …and this often once no packet has come or gone for [`IDLE_AFTER`] (WireGuard's own
+/// timers count in seconds; an idle device should not wake four times a second).
+const WG_IDLE_TICK: Duration = Duration::from_secs(1);
+const IDLE_AFTER: Duration = Duration::from_secs(10);
 /// Local addresses are compared this often to notice a network change.
 const NETMON_INTERVAL: Duration = Duration::from_secs(2);
 /// Idle relay connections are looked for this often.
@@ -233,6 +237,9 @@ struct Engine {
     router: wg::Router,
     /// When the handshake rate limit starts a new second.
     rate_reset: Instant,
+    /// When a packet last went to or came from a peer (WireGuard or disco): the timer
+    /// tick is short only while they flow.
+    last_packet: Instant,
     disco: DiscoPrivate,
     disco_pub: DiscoPublic,
     sock: Arc<UdpSocket>,
@@ -297,6 +304,7 @@ impl Engine {
             me_pub: me.public(),
             router: wg::Router::new(&me),
             rate_reset: Instant::now() + Duration::from_secs(1),
+            last_packet: Instant::now(),
             me,
             disco,
             disco_pub,
@@ -571,10 +579,15 @@ impl Engine {
                 }
             }
             let now = Instant::now();
-            if tokio::time::Instant::now() >= next_wg_tick {
+            let t = tokio::time::Instant::now();
+            let busy = now.saturating_duration_since(self.last_packet) < IDLE_AFTER;
+            if t >= next_wg_tick {
                 self.sync_heard();
                 self.tick_wireguard().await;
-                next_wg_tick = tokio::time::Instant::now() + WG_TICK;
+                next_wg_tick = t + if busy { WG_TICK } else { WG_IDLE_TICK };
+            } else if busy && next_wg_tick > t + WG_TICK {
+                // Packets again after a quiet spell: back to the short tick at once.
+                next_wg_tick = t + WG_TICK;
             }
             if tokio::time::Instant::now() >= next_cleanup {
                 self.relays.close_idle(now);
@@ -1070,6 +1083,7 @@ impl Engine {
             return;
         };
         let now = Instant::now();
+        self.last_packet = now;
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
@@ -1318,6 +1332,7 @@ impl Engine {
             // Authentic and direct: the direct path is alive (disco's silence check).
             p.path.on_heard_direct(now);
         }
+        self.last_packet = now;
         for b in send {
             self.send_to_peer(key, b, now).await;
         }

@@ -43,6 +43,23 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Context switches of every thread of `pid` so far (each one a wake-up).
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -268,6 +285,11 @@ fn main() {
         .expect("alice cannot reach carol through the relay");
     let _server_c = lab.spawn(&hc, "iperf3", ["-s", "--forceflush"]).unwrap();
 
+    // Dave joins and is never talked to: an idle device, for its wake-ups.
+    let hd = lab.add_public_host("dave").unwrap();
+    let d = scenario::start_agentd(&lab, &hd, "dave", &control).unwrap();
+    let dave_up = Instant::now();
+
     let with_bt = have_program("boringtun-cli") && have_program("wg");
     if !with_bt {
         eprintln!("boringtun-cli or wg missing: no comparison (cargo install boringtun-cli; apt install wireguard-tools)");
@@ -361,5 +383,17 @@ fn main() {
         "agentd RSS: idle {:.1} MiB, under load (max during TCP runs) {:.1} MiB",
         idle_rss as f64 / 1024.0,
         load_rss as f64 / 1024.0
+    );
+    // Dave has been idle since he joined, at least 20 s by now.
+    let waited = dave_up.elapsed();
+    if waited < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_secs(20) - waited);
+    }
+    let c0 = ctx_switches(d.agentd.pid());
+    std::thread::sleep(Duration::from_secs(20));
+    let woke = ctx_switches(d.agentd.pid()) - c0;
+    println!(
+        "idle agentd (a device nobody talks to): {:.1} wake-ups/s (context switches of all its threads over 20 s)",
+        woke as f64 / 20.0
     );
 }
