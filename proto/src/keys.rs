@@ -139,9 +139,10 @@ macro_rules! private_key {
             pub fn from_bytes(b: [u8; KEY_LEN]) -> Self {
                 Self(StaticSecret::from(b))
             }
-            /// The raw secret. Handle with care: never log it.
-            pub fn to_bytes(&self) -> [u8; KEY_LEN] {
-                self.0.to_bytes()
+            /// The raw secret, wiped from memory when the returned value is dropped.
+            /// Handle with care: never log it.
+            pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; KEY_LEN]> {
+                zeroize::Zeroizing::new(self.0.to_bytes())
             }
             /// The secret as x25519-dalek's type (what boringtun takes), without a raw
             /// copy left behind: the clone is wiped when dropped.
@@ -161,7 +162,7 @@ macro_rules! private_key {
 
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
-                self.0.to_bytes() == other.0.to_bytes()
+                *self.to_bytes() == *other.to_bytes()
             }
         }
         impl Eq for $name {}
@@ -173,7 +174,7 @@ macro_rules! private_key_text {
         impl $name {
             /// `privkey:<64 hex>`: the form stored in state files. Never log it.
             pub fn to_secret_text(&self) -> String {
-                format!("privkey:{}", hex::encode(self.0.to_bytes()))
+                format!("privkey:{}", hex::encode(*self.to_bytes()))
             }
         }
 
