@@ -57,6 +57,19 @@ fn every_systemd_unit_passes_systemd_analyze_verify() {
         ("relayd", tests::process::relayd().unwrap()),
         ("controld", tests::process::controld().unwrap()),
     ];
+    // Every unit in the folder is one of ours, each for a binary built here.
+    let mut units: Vec<String> = std::fs::read_dir(packaging())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".service") || n.ends_with(".socket") || n.ends_with(".timer"))
+        .collect();
+    units.sort();
+    let mut names: Vec<String> = bins.iter().map(|(n, _)| format!("{n}.service")).collect();
+    names.sort();
+    assert_eq!(
+        units, names,
+        "a unit without a check, or a check without a unit"
+    );
     for (name, bin) in bins {
         let unit = std::fs::read_to_string(packaging().join(format!("{name}.service"))).unwrap();
         // The unit names /usr/bin/<name>; verify checks the binary exists, so point it at
