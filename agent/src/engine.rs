@@ -248,6 +248,8 @@ struct Engine {
     sock6: Option<(Arc<UdpSocket>, Arc<UdpIo>)>,
     port6: Option<u16>,
     gso: Option<Gso>,
+    /// The last run's buffer, emptied, for the next run (no allocation per run).
+    gso_spare: Vec<u8>,
     port: u16,
     /// The control session; None while `agentctl down` holds the device down.
     session: Option<ControlSession>,
@@ -315,6 +317,7 @@ impl Engine {
                 .map(|a| a.port()),
             sock6,
             gso: None,
+            gso_spare: Vec::new(),
             sock,
             port,
             session,
@@ -1087,8 +1090,20 @@ impl Engine {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let out = match p.wg.encapsulate(pkt, &mut self.buf) {
-            WgAction::Send(b) => Some(Bytes::copy_from_slice(b)),
+        // Encrypted into our buffer; on a trusted direct path (the common case) it goes
+        // from there into the run of datagrams for the socket, with no copy in between.
+        let mut buf = std::mem::take(&mut self.buf);
+        let base = buf.as_ptr();
+        let mut direct = None;
+        let out = match p.wg.encapsulate(pkt, &mut buf) {
+            WgAction::Send(b) => match p.send_targets(now) {
+                // Handshake initiations (type 1) take the full path: it notes them.
+                (Some(addr), false) if b.first() != Some(&1) && b.as_ptr() == base => {
+                    direct = Some((addr, b.len()));
+                    None
+                }
+                _ => Some(Bytes::copy_from_slice(b)),
+            },
             WgAction::Drop(r) => {
                 *self.counters.wg_drop.entry(r).or_default() += 1;
                 None
@@ -1099,6 +1114,16 @@ impl Engine {
         if p.on_data_sent(now) {
             self.dirty.insert(key);
         }
+        if let Some((addr, n)) = direct {
+            if !self.queue_udp(addr, &buf[..n]).await {
+                // No socket for that family: the relay, as `send_to_peer` would.
+                let b = Bytes::copy_from_slice(&buf[..n]);
+                self.buf = buf;
+                self.send_to_peer(key, b, now).await;
+                return;
+            }
+        }
+        self.buf = buf;
         if let Some(b) = out {
             self.send_to_peer(key, b, now).await;
         }
@@ -1153,10 +1178,11 @@ impl Engine {
         if !fits {
             self.flush_udp().await;
         }
+        let spare = &mut self.gso_spare;
         let g = self.gso.get_or_insert_with(|| Gso {
             to,
             segment: d.len(),
-            buf: Vec::with_capacity(GSO_MAX_BYTES),
+            buf: std::mem::take(spare),
             count: 0,
             closed: false,
         });
@@ -1193,6 +1219,9 @@ impl Engine {
                 self.counters.udp_send_errors += 1;
                 tracing::debug!(to = %g.to, error = %e, "UDP send failed");
             }
+            let mut buf = g.buf;
+            buf.clear();
+            self.gso_spare = buf;
         }
     }
 

@@ -60,6 +60,21 @@ fn ctx_switches(pid: u32) -> u64 {
         .sum()
 }
 
+/// CPU time `pid` has used so far (user + system), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // In USER_HZ, which Linux fixes at 100 for what it shows user space.
+    ticks as f64 / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -313,6 +328,7 @@ fn main() {
     let mut udp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     let mut ping: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     let mut load_rss = 0u64;
+    let mut cpu_per_gb: Vec<(f64, f64)> = Vec::new();
     for round in 0..rounds() {
         for (i, (name, ip)) in rows.iter().enumerate() {
             let pid = a.agentd.pid();
@@ -338,7 +354,17 @@ fn main() {
             } else {
                 Vec::new()
             };
+            let cpu0 = (cpu_seconds(a.agentd.pid()), cpu_seconds(b.agentd.pid()));
             let g = tcp_gbps(&lab, &ha, *ip);
+            if i == 1 {
+                // CPU seconds per gigabyte carried, each end: less sensitive to a busy
+                // machine than the rate.
+                let gb = g * SECONDS.parse::<f64>().unwrap_or(5.0) / 8.0;
+                cpu_per_gb.push((
+                    (cpu_seconds(a.agentd.pid()) - cpu0.0) / gb,
+                    (cpu_seconds(b.agentd.pid()) - cpu0.1) / gb,
+                ));
+            }
             for mut c in probes {
                 let _ = c.wait();
             }
@@ -383,6 +409,11 @@ fn main() {
         "agentd RSS: idle {:.1} MiB, under load (max during TCP runs) {:.1} MiB",
         idle_rss as f64 / 1024.0,
         load_rss as f64 / 1024.0
+    );
+    println!(
+        "agentd CPU per GB of TCP (direct, median): sender {:.2} s, receiver {:.2} s",
+        median(cpu_per_gb.iter().map(|c| c.0).collect()),
+        median(cpu_per_gb.iter().map(|c| c.1).collect())
     );
     // Dave has been idle since he joined, at least 20 s by now.
     let waited = dave_up.elapsed();
