@@ -60,6 +60,14 @@ fn median_rtt(socket: &UdpSocket, echo: SocketAddr, samples: usize) -> Duration 
     rtts[rtts.len() / 2]
 }
 
+/// The link emulator's accuracy tests measure to the millisecond, and the throughput
+/// test fills both cores: those take turns (the other tests still run beside them).
+static TIMING: Mutex<()> = Mutex::new(());
+
+fn timing() -> std::sync::MutexGuard<'static, ()> {
+    TIMING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn assert_close(measured: Duration, expected: Duration, tolerance: Duration) {
     let diff = measured.abs_diff(expected);
     assert!(
@@ -270,6 +278,7 @@ fn double_nat_reaches_the_internet_through_both_routers() {
 
 #[test]
 fn emulated_link_adds_the_configured_one_way_delay() {
+    let _turn = timing();
     let lab = lab_or_skip!();
     let server = lab
         .add_server_with_link("far", LinkParams::delay_ms(20))
@@ -289,6 +298,7 @@ fn emulated_link_adds_the_configured_one_way_delay() {
 
 #[test]
 fn changing_link_delay_at_runtime_takes_effect() {
+    let _turn = timing();
     let lab = lab_or_skip!();
     let server = lab
         .add_server_with_link("region", LinkParams::delay_ms(20))
@@ -318,6 +328,7 @@ fn changing_link_delay_at_runtime_takes_effect() {
 
 #[test]
 fn emulated_link_drops_about_the_configured_share() {
+    let _turn = timing();
     let lab = lab_or_skip!();
     let server = lab
         .add_server_with_link("lossy", LinkParams::delay_ms(1).with_loss(0.2))
@@ -362,6 +373,7 @@ fn emulated_link_drops_about_the_configured_share() {
 
 #[test]
 fn emulated_link_sustains_tens_of_thousands_of_packets_per_second() {
+    let _turn = timing();
     let lab = lab_or_skip!();
     let server = lab
         .add_server_with_link("busy", LinkParams::delay_ms(5))
