@@ -1090,20 +1090,12 @@ impl Engine {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        // Encrypted into our buffer; on a trusted direct path (the common case) it goes
-        // from there into the run of datagrams for the socket, with no copy in between.
+        // Encrypted into our buffer (taken out for the call, so the datagram can be
+        // handed on without a copy: to the socket's run of datagrams, say).
         let mut buf = std::mem::take(&mut self.buf);
-        let base = buf.as_ptr();
-        let mut direct = None;
-        let out = match p.wg.encapsulate(pkt, &mut buf) {
-            WgAction::Send(b) => match p.send_targets(now) {
-                // Handshake initiations (type 1) take the full path: it notes them.
-                (Some(addr), false) if b.first() != Some(&1) && b.as_ptr() == base => {
-                    direct = Some((addr, b.len()));
-                    None
-                }
-                _ => Some(Bytes::copy_from_slice(b)),
-            },
+        let base = buf.as_ptr() as usize;
+        let sealed = match p.wg.encapsulate(pkt, &mut buf) {
+            WgAction::Send(b) => Some((b.as_ptr() as usize - base, b.len())),
             WgAction::Drop(r) => {
                 *self.counters.wg_drop.entry(r).or_default() += 1;
                 None
@@ -1114,23 +1106,15 @@ impl Engine {
         if p.on_data_sent(now) {
             self.dirty.insert(key);
         }
-        if let Some((addr, n)) = direct {
-            if !self.queue_udp(addr, &buf[..n]).await {
-                // No socket for that family: the relay, as `send_to_peer` would.
-                let b = Bytes::copy_from_slice(&buf[..n]);
-                self.buf = buf;
-                self.send_to_peer(key, b, now).await;
-                return;
-            }
+        if let Some((at, n)) = sealed {
+            self.send_to_peer(key, &buf[at..at + n], now).await;
         }
         self.buf = buf;
-        if let Some(b) = out {
-            self.send_to_peer(key, b, now).await;
-        }
     }
 
     /// Sends a WireGuard datagram to `key` on the path its disco state says (§3.3).
-    async fn send_to_peer(&mut self, key: NodePublic, datagram: Bytes, now: Instant) {
+    /// It is copied only where it must be kept: for a relay connection or to be held.
+    async fn send_to_peer(&mut self, key: NodePublic, datagram: &[u8], now: Instant) {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
@@ -1142,14 +1126,19 @@ impl Engine {
         let region = p.home_region;
         let mut sent = false;
         if let Some(addr) = udp {
-            sent = self.queue_udp(addr, &datagram).await;
+            sent = self.queue_udp(addr, datagram).await;
         }
         if (relay || !sent) && region > 0 {
-            sent |= self.relays.send(region, key, datagram.clone(), now);
+            sent |= self
+                .relays
+                .send(region, key, Bytes::copy_from_slice(datagram), now);
         }
         if !sent {
             self.counters.send_no_path += 1;
-            let held = self.peers.get_mut(&key).is_some_and(|p| p.stall(datagram));
+            let held = self
+                .peers
+                .get_mut(&key)
+                .is_some_and(|p| p.stall(Bytes::copy_from_slice(datagram)));
             if held {
                 self.stalled.insert(key);
             } else {
@@ -1251,7 +1240,7 @@ impl Engine {
                 .unwrap_or_default();
             tracing::debug!(peer = %k.short(), n = held.len(), "sending held packets");
             for d in held {
-                self.send_to_peer(k, d, now).await;
+                self.send_to_peer(k, &d, now).await;
             }
         }
     }
@@ -1363,7 +1352,7 @@ impl Engine {
         }
         self.last_packet = now;
         for b in send {
-            self.send_to_peer(key, b, now).await;
+            self.send_to_peer(key, &b, now).await;
         }
         if self.tun_out.len() >= BATCH {
             self.flush_tun().await;
@@ -1493,7 +1482,7 @@ impl Engine {
         }
         if let Some(b) = reinit {
             tracing::debug!(peer = %key.short(), "direct path found: handshake sent again");
-            self.send_to_peer(key, b, now).await;
+            self.send_to_peer(key, &b, now).await;
         }
     }
 
@@ -1524,7 +1513,7 @@ impl Engine {
                 }
             }
             for b in send {
-                self.send_to_peer(k, b, now).await;
+                self.send_to_peer(k, &b, now).await;
             }
         }
     }

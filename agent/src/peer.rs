@@ -441,19 +441,18 @@ mod tests {
         let now = Instant::now();
         let mut peer = Peer::new(&node(&p, &[], 901, true), &p.me, &p.my_disco, 1, now);
         let from = Via::Udp("198.51.100.7:41641".parse().unwrap());
+        let ping = Message::Ping {
+            tx_id: [1; 12],
+            node_key: None,
+            padding: 0,
+        };
         assert_eq!(
             peer.handle_disco(b"TS\xf0\x9f\x92\xac", from, None, now),
             Err(DiscoDrop::Bad)
         );
         // Sealed by someone else under the peer's name.
-        let forged = DiscoBox::new(&DiscoPrivate::generate(), &p.my_disco.public()).seal(
-            &p.their_disco.public(),
-            &Message::Ping {
-                tx_id: [1; 12],
-                node_key: None,
-                padding: 0,
-            },
-        );
+        let forged = DiscoBox::new(&DiscoPrivate::generate(), &p.my_disco.public())
+            .seal(&p.their_disco.public(), &ping);
         assert_eq!(
             peer.handle_disco(&forged, from, None, now),
             Err(DiscoDrop::Bad)
@@ -461,16 +460,8 @@ mod tests {
         assert!(sent(&p, &mut peer, &[]).is_empty());
 
         let mut keyless = Peer::new(&node(&p, &[], 901, false), &p.me, &p.my_disco, 2, now);
-        let ping = from_them(
-            &p,
-            &Message::Ping {
-                tx_id: [1; 12],
-                node_key: None,
-                padding: 0,
-            },
-        );
         assert_eq!(
-            keyless.handle_disco(&ping, from, None, now),
+            keyless.handle_disco(&from_them(&p, &ping), from, None, now),
             Err(DiscoDrop::Bad)
         );
         assert!(keyless

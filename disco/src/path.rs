@@ -614,12 +614,12 @@ impl PathState {
         self.last_heard = Some(now);
     }
 
-    /// The silence check's deadline: when to ping the quiet trusted path, or when its
-    /// unanswered ping ends the trust. `None` unless the path is trusted and data went
-    /// out since anything came back. A deadline at or past the trust's end is none: the
-    /// trust ends by itself then (and a deadline `handle_timeout` would not act on
-    /// would come back forever).
-    fn silence_deadline(&self) -> Option<Instant> {
+    /// The silence check's deadline, and whether the quiet path has been pinged since it
+    /// went quiet (then the deadline ends its trust; otherwise it is when to ping it).
+    /// `None` unless the path is trusted and data went out since anything came back. A
+    /// deadline at or past the trust's end is none: the trust ends by itself then (and a
+    /// deadline `handle_timeout` would not act on would come back forever).
+    fn silence_deadline(&self) -> Option<(Instant, bool)> {
         let (Some(b), Some(trust), Some(heard), Some(sent)) =
             (self.best, self.trust_until, self.last_heard, self.last_data)
         else {
@@ -628,24 +628,23 @@ impl PathState {
         if sent <= heard {
             return None;
         }
-        let due = match self.quiet_ping.filter(|q| *q >= heard) {
-            Some(q) => q + SILENCE_PROBE_WAIT.max(b.latency * 4),
-            None => heard + SILENCE_PROBE_AFTER,
+        let (due, pinged) = match self.quiet_ping.filter(|q| *q >= heard) {
+            Some(q) => (q + SILENCE_PROBE_WAIT.max(b.latency * 4), true),
+            None => (heard + SILENCE_PROBE_AFTER, false),
         };
-        (due < trust).then_some(due)
+        (due < trust).then_some((due, pinged))
     }
 
     /// Pings the quiet trusted path, or ends its trust if the ping went unanswered (see
     /// [`SILENCE_PROBE_AFTER`]).
     fn check_silence(&mut self, now: Instant) {
-        let (Some(due), Some(b)) = (self.silence_deadline(), self.best) else {
+        let (Some((due, pinged)), Some(b)) = (self.silence_deadline(), self.best) else {
             return;
         };
         if now < due {
             return;
         }
-        let heard = self.last_heard.unwrap_or(now);
-        if self.quiet_ping.is_some_and(|q| q >= heard) {
+        if pinged {
             // The trust ended at the deadline (so the deadline is past it: no repeat).
             self.trust_until = Some(due);
             self.counters.silence_distrusted += 1;
@@ -767,7 +766,7 @@ impl PathState {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t: Option<Instant> = self.heartbeat_at;
         let mut consider = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
-        if let Some(due) = self.silence_deadline() {
+        if let Some((due, _)) = self.silence_deadline() {
             consider(due);
         }
         if let Some(oldest) = self.outstanding.values().map(|(_, s)| *s).min() {
@@ -908,18 +907,13 @@ mod tests {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
-        p.on_data_sent(t0);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(ep, ms(10))], t0);
-        drain(&mut p);
+        settle(&mut p, &[(ep, ms(10))], t0);
         // Traffic for 30 s, the peer answers every heartbeat: never untrusted.
         let mut now = t0;
         while now < t0 + Duration::from_secs(30) {
             now += ms(100);
             p.on_data_sent(now);
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-            }
+            run_due(&mut p, now);
             let (pings, _, changes) = drain(&mut p);
             assert!(changes.is_empty(), "path changed at {:?}", now - t0);
             answer(&mut p, &pings, &[(ep, ms(10))], now);
@@ -939,10 +933,7 @@ mod tests {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
-        p.on_data_sent(t0);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(ep, ms(10))], t0);
-        drain(&mut p);
+        settle(&mut p, &[(ep, ms(10))], t0);
         let last_pong = t0 + ms(10);
         // From now on nothing answers, traffic keeps flowing.
         let mut now = t0;
@@ -951,9 +942,7 @@ mod tests {
         while now < t0 + Duration::from_secs(20) {
             now += ms(100);
             p.on_data_sent(now);
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-            }
+            run_due(&mut p, now);
             let (_, _, changes) = drain(&mut p);
             if relay_again.is_none() && p.send_targets(now).relay {
                 relay_again = Some(now);
@@ -982,10 +971,7 @@ mod tests {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
-        p.on_data_sent(t0);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(ep, ms(10))], t0);
-        drain(&mut p);
+        settle(&mut p, &[(ep, ms(10))], t0);
         let (mut relay_at, mut lost_at, mut runs) = (None, None, 0);
         let mut now = t0;
         while now < t0 + until {
@@ -996,10 +982,7 @@ mod tests {
                 // The peer's packets (TCP acknowledgements, say) come back directly.
                 p.on_heard_direct(now);
             }
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-                runs += 1;
-            }
+            runs += usize::from(run_due(&mut p, now));
             let (pings, _, changes) = drain(&mut p);
             if alive {
                 answer(&mut p, &pings, &[(ep, ms(10))], now);
@@ -1035,7 +1018,6 @@ mod tests {
                 relay_at <= SILENCE_PROBE_AFTER + SILENCE_PROBE_WAIT + ms(20),
                 "cut at {cut_ms} ms: relay again after {relay_at:?}"
             );
-            assert!(relay_at < TRUST_UDP_ADDR / 2, "{relay_at:?}");
             // The path itself is given up when that ping is lost (5 s).
             assert!(
                 lost_at <= SILENCE_PROBE_AFTER + PING_TIMEOUT + ms(20),
@@ -1053,18 +1035,13 @@ mod tests {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
-        p.on_data_sent(t0);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(ep, ms(10))], t0);
-        drain(&mut p);
+        settle(&mut p, &[(ep, ms(10))], t0);
         let mut now = t0;
         while now < t0 + Duration::from_secs(30) {
             now += ms(10);
             p.on_data_sent(now);
             p.on_heard_direct(now);
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-            }
+            run_due(&mut p, now);
             let (pings, _, _) = drain(&mut p);
             answer(&mut p, &pings, &[(ep, ms(10))], now);
             assert!(!p.send_targets(now).relay);
@@ -1079,19 +1056,13 @@ mod tests {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
-        p.on_data_sent(t0);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(ep, ms(10))], t0);
-        drain(&mut p);
+        settle(&mut p, &[(ep, ms(10))], t0);
         let mut now = t0;
         let mut runs = 0;
         while now < t0 + Duration::from_secs(30) {
             now += ms(10);
             p.on_data_sent(now);
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-                runs += 1;
-            }
+            runs += usize::from(run_due(&mut p, now));
             let (pings, _, changes) = drain(&mut p);
             assert!(changes.is_empty());
             answer(&mut p, &pings, &[(ep, ms(10))], now);
@@ -1109,18 +1080,13 @@ mod tests {
         let t0 = Instant::now();
         let ep = addr("198.51.100.2:41641");
         let mut p = peer(&["198.51.100.2:41641"], t0);
-        p.on_data_sent(t0);
-        let (pings, _, _) = drain(&mut p);
-        answer(&mut p, &pings, &[(ep, ms(10))], t0);
-        drain(&mut p);
+        settle(&mut p, &[(ep, ms(10))], t0);
         let mut probe = None;
         let mut now = t0;
         while now < t0 + Duration::from_secs(4) {
             now += ms(10);
             p.on_data_sent(now);
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-            }
+            run_due(&mut p, now);
             let (pings, _, _) = drain(&mut p);
             probe = probe.or(pings.first().copied());
         }
@@ -1181,6 +1147,15 @@ mod tests {
             .expect("a pings b back");
         a.on_pong(b_addr, back.1, a_addr, now + ms(30));
         assert_eq!(a.path(), Path::Direct(b_addr));
+    }
+
+    /// Runs the timers if one is due; returns whether it did.
+    fn run_due(p: &mut PathState, now: Instant) -> bool {
+        let due = p.poll_timeout().is_some_and(|t| t <= now);
+        if due {
+            p.handle_timeout(now);
+        }
+        due
     }
 
     fn settle(p: &mut PathState, eps: &[(SocketAddr, Duration)], t0: Instant) -> Instant {
@@ -1471,9 +1446,7 @@ mod tests {
         while now < t0 + Duration::from_secs(90) {
             now += ms(500);
             p.on_data_sent(now);
-            if p.poll_timeout().is_some_and(|t| t <= now) {
-                p.handle_timeout(now);
-            }
+            run_due(&mut p, now);
             assert!(
                 p.poll_timeout().is_none_or(|t| t > now),
                 "deadline in the past at {:?}",

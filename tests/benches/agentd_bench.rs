@@ -314,9 +314,11 @@ fn main() {
     let _server = lab.spawn(&hb, "iperf3", ["-s", "--forceflush"]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let mut rows: Vec<(&str, Ipv4Addr)> =
-        vec![("raw veth (no tunnel)", hb.ip), ("agentd (direct)", b.ip)];
-    rows.push(("agentd (through relayd)", c.ip));
+    let mut rows: Vec<(&str, Ipv4Addr)> = vec![
+        ("raw veth (no tunnel)", hb.ip),
+        ("agentd (direct)", b.ip),
+        ("agentd (through relayd)", c.ip),
+    ];
     if with_bt {
         rows.push((
             "boringtun-cli, default threads",

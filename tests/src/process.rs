@@ -340,7 +340,11 @@ pub fn workspace_bin(package: &str, bin: &str, features: &[&str]) -> Result<Path
         .unwrap_or_else(|| Path::new("."));
     let fresh = || {
         let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        built.is_some_and(|b| newest_source(workspace).is_none_or(|s| s <= b))
+        // The sources are looked at once per test process, not once per binary.
+        static NEWEST: std::sync::OnceLock<Option<std::time::SystemTime>> =
+            std::sync::OnceLock::new();
+        let newest = *NEWEST.get_or_init(|| newest_source(workspace));
+        built.is_some_and(|b| newest.is_none_or(|s| s <= b))
     };
     if resolved.contains(&path) || fresh() {
         resolved.insert(path.clone());

@@ -73,6 +73,18 @@ fn devices(lab: &Lab, control: &Control, a: &Router, b: &Router) -> (Host, Host,
     (ha, hb, da, db)
 }
 
+/// Counts relayed traffic: TCP packets from `router`'s public address to `region`'s relay.
+fn relayed_from(lab: &Lab, router: &Router, region: &Region) -> tests::PacketCounter {
+    lab.count_packets(
+        lab.internet(),
+        &format!(
+            "ip saddr {} ip daddr {} tcp dport 443",
+            router.wan_ip, region.host.ip
+        ),
+    )
+    .unwrap()
+}
+
 #[test]
 fn two_easy_nats_ping_at_once_then_go_direct() {
     let lab = lab_or_skip!();
@@ -82,15 +94,7 @@ fn two_easy_nats_ping_at_once_then_go_direct() {
     // UDP between the two routers' public addresses is direct traffic; TCP from alice's
     // router to the near relay is relayed traffic.
     let direct = lab.count_udp(lab.internet(), ra.wan_ip, rb.wan_ip).unwrap();
-    let relayed = lab
-        .count_packets(
-            lab.internet(),
-            &format!(
-                "ip saddr {} ip daddr {} tcp dport 443",
-                ra.wan_ip, w.near.host.ip
-            ),
-        )
-        .unwrap();
+    let relayed = relayed_from(&lab, &ra, &w.near);
     let (ha, _hb, mut a, mut b) = devices(&lab, &w.control, &ra, &rb);
     let up = Instant::now();
 
@@ -441,15 +445,7 @@ fn tcp_stream_survives_a_blackholed_direct_path_and_returns_to_direct() {
     let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
     // Relayed traffic: TCP from alice's router to the relay region both are homed in.
-    let relayed = lab
-        .count_packets(
-            lab.internet(),
-            &format!(
-                "ip saddr {} ip daddr {} tcp dport 443",
-                ra.wan_ip, w.near.host.ip
-            ),
-        )
-        .unwrap();
+    let relayed = relayed_from(&lab, &ra, &w.near);
     let (ha, hb, mut a, b) = devices(&lab, &w.control, &ra, &rb);
     let up = Instant::now();
     first_ping(&lab, &ha, b.ip, Duration::from_secs(10));
@@ -517,7 +513,7 @@ fn tcp_stream_survives_a_blackholed_direct_path_and_returns_to_direct() {
     // pinged it at once and stopped trusting it when the ping went unanswered.
     let quiet = disco::defaults::SILENCE_PROBE_AFTER + disco::defaults::SILENCE_PROBE_WAIT;
     assert!(
-        to_relay < disco::defaults::TRUST_UDP_ADDR && to_relay < quiet + Duration::from_millis(750),
+        to_relay < quiet + Duration::from_millis(750),
         "moved to the relay only after {to_relay:?}"
     );
     let counters = a.status(&lab).unwrap()["counters"].clone();
@@ -568,24 +564,24 @@ fn tcp_stream_survives_a_blackholed_direct_path_and_returns_to_direct() {
         .collect();
     eprintln!("iperf3 bytes per second: {bytes:?}");
     assert!(bytes.len() >= 20, "the stream ended early: {bytes:?}");
-    // The stream stalls while the blackholed path is still trusted (plus TCP's
-    // retransmission back-off), then carries on through the relay and directly again.
+    // The stream stalls until agentd sends through the relay too, plus TCP's back-off
+    // (its retransmissions come about 3 s and 6 s into a loss), then carries on through
+    // the relay and directly again: no stretch of near-silence longer than 8 s, and data
+    // to the end.
     let mut sorted = bytes.clone();
     sorted.sort_unstable();
-    let median = sorted[sorted.len() / 2];
-    let mut stall = 0;
-    let mut longest = 0;
-    for b in &bytes {
-        stall = if *b < median / 10 { stall + 1 } else { 0 };
-        longest = longest.max(stall);
-    }
+    let slow = sorted[sorted.len() / 2] / 10;
+    let longest = bytes
+        .split(|b| *b >= slow)
+        .map(<[u64]>::len)
+        .max()
+        .unwrap_or(0);
     assert!(
-        longest <= 12,
+        longest <= 8,
         "the stream stalled for {longest} s: {bytes:?}"
     );
-    let first_stalled = bytes.iter().position(|b| *b < median / 10).unwrap_or(0);
     assert!(
-        bytes[first_stalled + longest..].iter().all(|b| *b > 0),
+        bytes.iter().rev().take(3).all(|b| *b >= slow),
         "the stream did not survive: {bytes:?}"
     );
 }
