@@ -25,6 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{PingError, Query};
+use crate::ipv6::Ipv6Support;
 use crate::peer::{Peer, PeerEvent};
 use crate::relays::Relays;
 use crate::routes::{self, RouteTable};
@@ -101,6 +102,10 @@ pub struct Counters {
     pub tun_write_errors: u64,
     pub relay_packets_in: u64,
     pub peers_over_limit: u64,
+    /// IPv6 tunnel packets to or from peers on a host without IPv6.
+    pub ipv6_off_dropped: u64,
+    /// Times the TUN device disappeared and was made again.
+    pub tun_recreated: u64,
 }
 
 impl Counters {
@@ -121,6 +126,8 @@ impl Counters {
             ("tun_write_errors", self.tun_write_errors),
             ("relay_packets_in", self.relay_packets_in),
             ("peers_over_limit", self.peers_over_limit),
+            ("ipv6_off_dropped", self.ipv6_off_dropped),
+            ("tun_recreated", self.tun_recreated),
             ("relay_sent", relays.sent),
             ("relay_dropped_no_region", relays.dropped_no_region),
             ("relay_dropped_queue_full", relays.dropped_queue_full),
@@ -157,20 +164,11 @@ pub async fn run(
     let port = sock.local_addr()?.port();
     // IPv6 beside IPv4, on the same port where it is free; a host without IPv6 runs
     // on IPv4 alone.
-    let v6 = match sock::bind_v6(port) {
-        Ok(s) => {
-            let s = Arc::new(s);
-            UdpIo::new(Arc::clone(&s)).map(|io| (s, Arc::new(io)))
-        }
-        Err(e) => Err(e),
-    };
-    let v6 = match v6 {
-        Ok(v6) => Some(v6),
-        Err(e) => {
-            tracing::info!(error = %e, "no IPv6 socket: IPv4 only");
-            None
-        }
-    };
+    let mut ipv6 = crate::ipv6::probe_host();
+    let v6 = ipv6.attempt("binding the IPv6 UDP socket", || bind_v6_io(port));
+    if let Ipv6Support::Off(why) = &ipv6 {
+        tracing::info!(%why, "IPv6 off on this host: IPv4 only (no IPv6 tunnel address, routes or UDP socket)");
+    }
     let port6 = v6
         .as_ref()
         .and_then(|(s, _)| s.local_addr().ok())
@@ -206,8 +204,20 @@ pub async fn run(
         port,
         session_cfg,
     );
+    engine.ipv6 = ipv6;
     engine.run(cfg, shutdown).await
 }
+
+/// The IPv6 UDP socket on `port` (or any port when that one is taken), with its
+/// batched I/O.
+fn bind_v6_io(port: u16) -> std::io::Result<(Arc<UdpSocket>, Arc<UdpIo>)> {
+    let s = Arc::new(sock::bind_v6(port)?);
+    let io = UdpIo::new(Arc::clone(&s))?;
+    Ok((s, Arc::new(io)))
+}
+
+/// A batch of datagrams from a socket reader, with their senders.
+type Datagrams = Vec<(Vec<u8>, SocketAddr)>;
 
 type ApiWaiter = (
     Instant,
@@ -247,6 +257,16 @@ struct Engine {
     /// The IPv6 socket, when the host has IPv6, and its port.
     sock6: Option<(Arc<UdpSocket>, Arc<UdpIo>)>,
     port6: Option<u16>,
+    /// Whether the tunnel has IPv6 (off on hosts without it).
+    ipv6: Ipv6Support,
+    /// The reader of the IPv6 socket (replaced when IPv6 comes on later).
+    udp6_reader: Option<AbortOnDrop>,
+    /// What a socket reader needs, kept for an IPv6 socket made later: where STUN
+    /// answers go, and the engine's datagram queue.
+    stun_inbox: Option<StunInbox>,
+    udp_tx: Option<mpsc::Sender<Datagrams>>,
+    /// Hands netcheck the IPv6 socket when it changes.
+    netcheck_v6: watch::Sender<Option<Arc<UdpSocket>>>,
     gso: Option<Gso>,
     /// The last run's buffer, emptied, for the next run (no allocation per run).
     gso_spare: Vec<u8>,
@@ -315,7 +335,12 @@ impl Engine {
                 .as_ref()
                 .and_then(|(s, _)| s.local_addr().ok())
                 .map(|a| a.port()),
+            netcheck_v6: watch::channel(sock6.as_ref().map(|(s, _)| Arc::clone(s))).0,
             sock6,
+            ipv6: Ipv6Support::On,
+            udp6_reader: None,
+            stun_inbox: None,
+            udp_tx: None,
             gso: None,
             gso_spare: Vec::new(),
             sock,
@@ -366,25 +391,7 @@ impl Engine {
         let (api_tx, mut api_rx) = mpsc::channel::<Query>(16);
         let _api = crate::api::serve(&cfg.socket, api_tx)?;
         tracing::info!(socket = %cfg.socket.display(), "local API listening");
-        // UDP reader.
-        let (udp_tx, mut udp_rx) = mpsc::channel::<Vec<(Vec<u8>, SocketAddr)>>(QUEUE / 16);
-        let (netcheck_inbox_tx, netcheck_inbox_rx) = tokio::sync::oneshot::channel::<StunInbox>();
-        let udp_reader = tokio::spawn(read_udp(
-            Arc::clone(&self.udp),
-            netcheck_inbox_rx,
-            udp_tx.clone(),
-        ));
-        let _udp_guard = AbortOnDrop(udp_reader);
-        let (netcheck_inbox6_tx, netcheck_inbox6_rx) = tokio::sync::oneshot::channel::<StunInbox>();
-        let _udp6_guard = self.sock6.as_ref().map(|(_, io)| {
-            AbortOnDrop(tokio::spawn(read_udp(
-                Arc::clone(io),
-                netcheck_inbox6_rx,
-                udp_tx,
-            )))
-        });
-
-        // netcheck, in its own task, on the shared socket.
+        // netcheck, in its own task, on the shared sockets.
         let (report_tx, mut report_rx) = mpsc::channel::<Report>(4);
         let (map_tx, map_rx) = watch::channel(None::<proto::relaymap::RelayMap>);
         let portmapper = PortMapper::new();
@@ -397,13 +404,31 @@ impl Engine {
             self.sock6.as_ref().map(|(s, _)| Arc::clone(s)),
             None,
         );
-        let _ = netcheck_inbox_tx.send(nc.inbox());
-        let _ = netcheck_inbox6_tx.send(nc.inbox());
+        // The socket readers: STUN answers to netcheck, the rest to the engine.
+        let (udp_tx, mut udp_rx) = mpsc::channel::<Datagrams>(QUEUE / 16);
+        let _udp_guard = AbortOnDrop(tokio::spawn(read_udp(
+            Arc::clone(&self.udp),
+            nc.inbox(),
+            udp_tx.clone(),
+        )));
+        self.udp6_reader = self.sock6.as_ref().map(|(_, io)| {
+            AbortOnDrop(tokio::spawn(read_udp(
+                Arc::clone(io),
+                nc.inbox(),
+                udp_tx.clone(),
+            )))
+        });
+        self.stun_inbox = Some(nc.inbox());
+        self.udp_tx = Some(udp_tx);
+        let mut netcheck_v6 = self.netcheck_v6.subscribe();
         let heard = Arc::clone(&self.heard);
         let (renetcheck_tx, mut renetcheck_rx) = mpsc::channel::<()>(1);
         let netcheck_task = tokio::spawn(async move {
             let mut map_rx = map_rx;
             loop {
+                if netcheck_v6.has_changed().unwrap_or(false) {
+                    nc.set_v6(netcheck_v6.borrow_and_update().clone());
+                }
                 let map = loop {
                     if let Some(m) = map_rx.borrow_and_update().clone() {
                         break m;
@@ -435,6 +460,7 @@ impl Engine {
         let mut netmap_rx = self.session.as_ref().map(|s| s.netmap.clone());
         let mut state_rx = self.session.as_ref().map(|s| s.state.clone());
         let (tun_in_tx, mut tun_in_rx) = mpsc::channel::<Vec<Vec<u8>>>(QUEUE / 16);
+        let (tun_err_tx, mut tun_err_rx) = mpsc::channel::<()>(1);
         let mut tun_tasks: Vec<AbortOnDrop> = Vec::new();
         let mut next_wg_tick = tokio::time::Instant::now() + WG_TICK;
         let mut next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
@@ -470,6 +496,13 @@ impl Engine {
                         self.on_tun_packet(pkt).await;
                     }
                 }
+                Some(()) = tun_err_rx.recv() => {
+                    if self.tun.as_ref().is_some_and(|t| !t.still_there()) {
+                        self.recreate_tun(&cfg, &mut tun_tasks, &tun_in_tx, &tun_err_tx)?;
+                    } else {
+                        tracing::warn!("reading the TUN device failed");
+                    }
+                }
                 Some(batch) = udp_rx.recv() => {
                     for (pkt, from) in &batch {
                         self.on_udp_packet(pkt, *from).await;
@@ -491,7 +524,7 @@ impl Engine {
                         if self.tun.is_none() {
                             if let Some(tun) = self.create_tun(&cfg, &nm)? {
                                 let tun = Arc::new(tun);
-                                tun_tasks.push(spawn_tun_reader(Arc::clone(&tun), tun_in_tx.clone()));
+                                tun_tasks.push(spawn_tun_reader(Arc::clone(&tun), tun_in_tx.clone(), tun_err_tx.clone()));
                                 self.tun = Some(tun);
                             }
                         }
@@ -585,6 +618,9 @@ impl Engine {
             let t = tokio::time::Instant::now();
             let busy = now.saturating_duration_since(self.last_packet) < IDLE_AFTER;
             if t >= next_wg_tick {
+                if self.tun.as_ref().is_some_and(|t| !t.still_there()) {
+                    self.recreate_tun(&cfg, &mut tun_tasks, &tun_in_tx, &tun_err_tx)?;
+                }
                 self.sync_heard();
                 self.tick_wireguard().await;
                 next_wg_tick = t + if busy { WG_TICK } else { WG_IDLE_TICK };
@@ -605,9 +641,13 @@ impl Engine {
             }
             if tokio::time::Instant::now() >= next_netmon {
                 next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
+                // IPv6 switched on since it was found off counts as a network change.
+                let v6_back = !self.ipv6.is_on()
+                    && crate::ipv6::probe_host().is_on()
+                    && self.try_ipv6_again();
                 let addrs = crate::interfaces::local_addresses(self.sock6.is_some());
                 let net = crate::interfaces::network_fingerprint(&addrs);
-                if net != local_net {
+                if net != local_net || v6_back {
                     // The network changed: measure again now (a full report), ask the
                     // router for a mapping again, and look for direct paths anew. (New
                     // addresses within the same networks reach the endpoints with the
@@ -625,34 +665,123 @@ impl Engine {
         }
     }
 
-    fn create_tun(&self, cfg: &Config, nm: &NetMap) -> anyhow::Result<Option<TunDevice>> {
+    /// Creates the TUN device with this node's addresses from `nm` (None: the netmap
+    /// does not have our node yet). The IPv6 address is skipped on a host without IPv6,
+    /// and a refusal of it turns IPv6 off instead of failing.
+    fn create_tun(&mut self, cfg: &Config, nm: &NetMap) -> anyhow::Result<Option<TunDevice>> {
         let Some(me) = &nm.self_node else {
             return Ok(None);
         };
-        let mut v4 = None;
-        let mut v6 = None;
-        for a in &me.addresses {
-            let ip = a.split('/').next().unwrap_or_default();
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(x)) => v4 = Some(x),
-                Ok(IpAddr::V6(x)) => v6 = Some(x),
-                Err(_) => {}
+        let (v4, v6) = tunnel_addresses(&me.addresses);
+        let tun = TunDevice::create(&cfg.tun_name, v4)?;
+        let mut with_v6 = None;
+        if let (Some(a), true) = (v6, self.ipv6.is_on()) {
+            match tun.add_v6(a) {
+                Ok(()) => with_v6 = Some(a),
+                Err(e) => {
+                    self.ipv6 = Ipv6Support::from_error(&e.op, &e.source);
+                    self.ipv6_went_off();
+                }
             }
         }
-        let tun = TunDevice::create(&cfg.tun_name, v4, v6).with_context(|| {
-            format!(
-                "creating TUN device {:?} (agentd needs root or CAP_NET_ADMIN)",
-                cfg.tun_name
-            )
-        })?;
         tracing::info!(
             dev = tun.name(),
             ?v4,
-            ?v6,
+            v6 = ?with_v6,
             offload = tun.offload(),
             "TUN device up"
         );
         Ok(Some(tun))
+    }
+
+    /// The TUN device disappeared (`ip link del`): made again with its addresses (and
+    /// so its routes). If that fails agentd stops with the reason, for the service
+    /// manager to restart it.
+    fn recreate_tun(
+        &mut self,
+        cfg: &Config,
+        tun_tasks: &mut Vec<AbortOnDrop>,
+        tun_in_tx: &mpsc::Sender<Vec<Vec<u8>>>,
+        tun_err_tx: &mpsc::Sender<()>,
+    ) -> anyhow::Result<()> {
+        let name = self
+            .tun
+            .as_ref()
+            .map(|t| t.name().to_string())
+            .unwrap_or_default();
+        tracing::warn!(dev = %name, "the TUN device disappeared: making it again");
+        tun_tasks.clear();
+        self.tun = None;
+        self.tun_out.clear();
+        self.tun_write = SendBatch::default();
+        let nm = self.netmap.clone();
+        let tun = nm
+            .and_then(|nm| self.create_tun(cfg, &nm).transpose())
+            .transpose()
+            .and_then(|t| t.context("the netmap lost this node's addresses"))
+            .with_context(|| {
+                format!("the TUN device {name:?} was removed and could not be made again")
+            })?;
+        let tun = Arc::new(tun);
+        tun_tasks.push(spawn_tun_reader(
+            Arc::clone(&tun),
+            tun_in_tx.clone(),
+            tun_err_tx.clone(),
+        ));
+        self.tun = Some(tun);
+        self.counters.tun_recreated += 1;
+        Ok(())
+    }
+
+    /// IPv6 turned out to be off after start (the kernel refused the tunnel's IPv6
+    /// address): the IPv6 socket goes too, and one line says so.
+    fn ipv6_went_off(&mut self) {
+        if let Ipv6Support::Off(why) = &self.ipv6 {
+            tracing::info!(%why, "IPv6 off on this host: IPv4 only (no IPv6 tunnel address, routes or UDP socket)");
+        }
+        self.sock6 = None;
+        self.port6 = None;
+        self.udp6_reader = None;
+        self.netcheck_v6.send_replace(None);
+        if self.gso.as_ref().is_some_and(|g| g.to.is_ipv6()) {
+            self.gso = None;
+        }
+    }
+
+    /// IPv6 was off and the host's settings now allow it: the IPv6 socket, its reader,
+    /// netcheck's IPv6 probes and the tunnel's IPv6 address come back. True when it
+    /// worked.
+    fn try_ipv6_again(&mut self) -> bool {
+        self.ipv6 = Ipv6Support::On;
+        let Some(pair) = self
+            .ipv6
+            .attempt("binding the IPv6 UDP socket", || bind_v6_io(self.port))
+        else {
+            return false;
+        };
+        let v6 = self
+            .netmap
+            .as_ref()
+            .and_then(|nm| nm.self_node.as_ref())
+            .and_then(|me| tunnel_addresses(&me.addresses).1);
+        if let (Some(tun), Some(a)) = (&self.tun, v6) {
+            if let Err(e) = tun.add_v6(a) {
+                self.ipv6 = Ipv6Support::from_error(&e.op, &e.source);
+                return false;
+            }
+        }
+        self.port6 = pair.0.local_addr().ok().map(|a| a.port());
+        if let (Some(inbox), Some(tx)) = (&self.stun_inbox, &self.udp_tx) {
+            self.udp6_reader = Some(AbortOnDrop(tokio::spawn(read_udp(
+                Arc::clone(&pair.1),
+                inbox.clone(),
+                tx.clone(),
+            ))));
+        }
+        self.netcheck_v6.send_replace(Some(Arc::clone(&pair.0)));
+        self.sock6 = Some(pair);
+        tracing::info!(port6 = ?self.port6, "IPv6 is on now: IPv6 socket and tunnel address added");
+        true
     }
 
     fn apply_netmap(&mut self, nm: &NetMap) {
@@ -969,6 +1098,20 @@ impl Engine {
             auth_url,
             control_url: self.control_url.clone(),
             control_connected: matches!(self.control_state, SessionState::Connected),
+            control_state: match &self.control_state {
+                _ if self.session.is_none() => "stopped",
+                SessionState::Connecting => "connecting",
+                SessionState::Connected => "connected",
+                SessionState::NeedsLogin { .. } => "needs-login",
+                SessionState::Retrying { .. } => "retrying",
+                SessionState::Refused { .. } => "refused",
+            }
+            .into(),
+            control_error: match &self.control_state {
+                SessionState::Retrying { error } => Some(error.clone()),
+                SessionState::Refused { reason } => Some(reason.clone()),
+                _ => None,
+            },
             me: proto::localapi::SelfStatus {
                 name: me
                     .map(|n| n.name.trim_end_matches('.').to_string())
@@ -986,6 +1129,10 @@ impl Engine {
                         .map(|d| d.as_secs_f64() * 1000.0)
                 }),
                 tun: self.tun.as_ref().map(|t| t.name().to_string()),
+                ipv6_off: match &self.ipv6 {
+                    Ipv6Support::On => None,
+                    Ipv6Support::Off(why) => Some(why.to_string()),
+                },
             },
             counters: {
                 let mut m = self.counters.to_map(&self.relays.counters);
@@ -1085,6 +1232,10 @@ impl Engine {
             self.counters.tun_no_route += 1;
             return;
         };
+        if dst.is_ipv6() && !self.ipv6.is_on() {
+            self.counters.ipv6_off_dropped += 1;
+            return;
+        }
         let now = Instant::now();
         self.last_packet = now;
         let Some(p) = self.peers.get_mut(&key) else {
@@ -1323,8 +1474,11 @@ impl Engine {
         match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
             WgAction::Deliver(d) => {
                 // Only packets from the addresses this peer owns reach the OS.
-                let ok = routes::source(d).is_some_and(|s| self.routes.lookup(s) == Some(key));
-                if !ok {
+                let src = routes::source(d);
+                let ok = src.is_some_and(|s| self.routes.lookup(s) == Some(key));
+                if ok && src.is_some_and(|s| s.is_ipv6()) && !self.ipv6.is_on() {
+                    self.counters.ipv6_off_dropped += 1;
+                } else if !ok {
                     *self
                         .counters
                         .wg_drop
@@ -1519,6 +1673,24 @@ impl Engine {
     }
 }
 
+/// The IPv4 and IPv6 tunnel addresses among a node's `Addresses` (prefixes like
+/// `100.64.0.1/32`).
+fn tunnel_addresses(
+    addresses: &[String],
+) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let mut v4 = None;
+    let mut v6 = None;
+    for a in addresses {
+        let ip = a.split('/').next().unwrap_or_default();
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(x)) => v4 = v4.or(Some(x)),
+            Ok(IpAddr::V6(x)) => v6 = v6.or(Some(x)),
+            Err(_) => {}
+        }
+    }
+    (v4, v6)
+}
+
 /// Waits for a change on `rx`; never resolves while there is no receiver (down).
 async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> bool {
     match rx {
@@ -1535,7 +1707,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<Vec<u8>>>) -> AbortOnDrop {
+/// Reads the TUN device into the engine's queue. A failed read is reported on `errors`
+/// (the engine looks whether the device is gone) and retried after a pause.
+fn spawn_tun_reader(
+    tun: Arc<TunDevice>,
+    tx: mpsc::Sender<Vec<Vec<u8>>>,
+    errors: mpsc::Sender<()>,
+) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let mut batch = RecvBatch::default();
         loop {
@@ -1547,7 +1725,8 @@ fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<Vec<u8>>>) -> Abor
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "TUN read failed");
+                    tracing::debug!(error = %e, "TUN read failed");
+                    let _ = errors.try_send(());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -1555,16 +1734,9 @@ fn spawn_tun_reader(tun: Arc<TunDevice>, tx: mpsc::Sender<Vec<Vec<u8>>>) -> Abor
     }))
 }
 
-/// Reads batches from one shared socket: STUN answers go to netcheck's inbox (once the
-/// netcheck task hands it over), everything else to the engine.
-async fn read_udp(
-    io: Arc<UdpIo>,
-    inbox: tokio::sync::oneshot::Receiver<StunInbox>,
-    to_engine: mpsc::Sender<Vec<(Vec<u8>, SocketAddr)>>,
-) {
-    let Ok(inbox) = inbox.await else {
-        return;
-    };
+/// Reads batches from one shared socket: STUN answers go to netcheck's inbox, everything
+/// else to the engine.
+async fn read_udp(io: Arc<UdpIo>, inbox: StunInbox, to_engine: mpsc::Sender<Datagrams>) {
     let mut bufs = RecvBuffers::default();
     loop {
         match io.recv(&mut bufs).await {

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod engine;
 pub mod interfaces;
+pub mod ipv6;
 pub mod peer;
 pub mod relays;
 pub mod routes;

@@ -32,6 +32,9 @@ pub struct TunDevice {
     dev: tun_rs::AsyncDevice,
     name: String,
     offload: bool,
+    /// The interface index it was created with (Unix), to tell it from a device of the
+    /// same name made later by someone else.
+    index: Option<u32>,
 }
 
 impl std::fmt::Debug for TunDevice {
@@ -99,19 +102,55 @@ pub struct SendBatch {
     bufs: Vec<Vec<u8>>,
 }
 
+/// A step of setting up the TUN device that the OS refused, with its error.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {source}{}", hint(.source))]
+pub struct TunError {
+    /// What was being done, e.g. `creating the TUN device "agentd0"`.
+    pub op: String,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The OS's index of the interface `name`, if it exists (None where we cannot tell).
+#[cfg(unix)]
+fn interface_index(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+#[cfg(not(unix))]
+fn interface_index(_: &str) -> Option<u32> {
+    None
+}
+
+/// What to do about an error, where the kernel's word says it: "needs root" only when
+/// the kernel said EPERM.
+#[cfg(unix)]
+fn hint(e: &io::Error) -> &'static str {
+    use nix::errno::Errno;
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EPERM) => " (agentd needs root or CAP_NET_ADMIN, and access to /dev/net/tun)",
+        Some(Errno::ENOENT) => {
+            " (no /dev/net/tun: load the tun module with `modprobe tun`, or pass the device into the container)"
+        }
+        _ => "",
+    }
+}
+
+#[cfg(not(unix))]
+fn hint(_: &io::Error) -> &'static str {
+    ""
+}
+
 impl TunDevice {
-    /// Creates the device `name` (empty: the OS picks) with `v4`/10 and `v6`/48.
-    pub fn create(name: &str, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> io::Result<Self> {
+    /// Creates the device `name` (empty: the OS picks), up, with `v4`/10 on it. The
+    /// IPv6 address is added separately ([`TunDevice::add_v6`]): a host without IPv6
+    /// refuses it, and the device must work without.
+    pub fn create(name: &str, v4: Option<Ipv4Addr>) -> Result<Self, TunError> {
         let build = |offload: bool| {
             let mut b = tun_rs::DeviceBuilder::new().mtu(MTU);
             if !name.is_empty() {
                 b = b.name(name);
-            }
-            if let Some(a) = v4 {
-                b = b.ipv4(a, 10u8, None);
-            }
-            if let Some(a) = v6 {
-                b = b.ipv6(a, 48u8);
             }
             #[cfg(target_os = "linux")]
             {
@@ -121,16 +160,52 @@ impl TunDevice {
             let _ = offload;
             b.build_async()
         };
+        let creating = |source| TunError {
+            op: format!("creating the TUN device {name:?}"),
+            source,
+        };
         let (dev, offload) = match build(cfg!(target_os = "linux")) {
             Ok(d) => (d, cfg!(target_os = "linux")),
             Err(e) if cfg!(target_os = "linux") => {
                 tracing::info!(error = %e, "TUN offloads unavailable: one packet per read");
-                (build(false)?, false)
+                (build(false).map_err(creating)?, false)
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(creating(e)),
         };
         let name = dev.name().unwrap_or_else(|_| name.to_string());
-        Ok(TunDevice { dev, name, offload })
+        if let Some(a) = v4 {
+            dev.set_network_address(a, 10u8, None)
+                .map_err(|source| TunError {
+                    op: format!("setting the tunnel address {a}/10 on {name}"),
+                    source,
+                })?;
+        }
+        let index = interface_index(&name);
+        Ok(TunDevice {
+            dev,
+            name,
+            offload,
+            index,
+        })
+    }
+
+    /// Whether the device still exists (`ip link del` removes it under us; reads then
+    /// fail and writes vanish).
+    pub fn still_there(&self) -> bool {
+        match self.index {
+            Some(i) => interface_index(&self.name) == Some(i),
+            None => true,
+        }
+    }
+
+    /// Adds the tunnel's IPv6 address (`v6`/48).
+    pub fn add_v6(&self, v6: Ipv6Addr) -> Result<(), TunError> {
+        self.dev
+            .add_address_v6(v6, 48u8)
+            .map_err(|source| TunError {
+                op: format!("adding the tunnel address {v6}/48 to {}", self.name),
+                source,
+            })
     }
 
     pub fn name(&self) -> &str {

@@ -246,12 +246,17 @@ pub fn render_status(s: &Status) -> String {
         },
         me.os,
         home,
-        if s.control_connected {
-            "connected"
-        } else {
-            "not connected"
+        match (s.control_state.as_str(), &s.control_error) {
+            ("retrying", Some(e)) => format!("retrying ({e})"),
+            // An older agentd says only whether it is connected.
+            ("", _) if s.control_connected => "connected".to_string(),
+            ("", _) => "not connected".to_string(),
+            (state, _) => state.to_string(),
         }
     );
+    if let Some(why) = &me.ipv6_off {
+        let _ = writeln!(out, "IPv6: off on this host ({why})");
+    }
     if let Some(url) = &s.auth_url {
         let _ = writeln!(out, "\nLog in to add this device: {url}");
     }

@@ -178,6 +178,12 @@ impl Netchecker {
         }
     }
 
+    /// Replaces the IPv6 socket (IPv6 came on, or went away, after start). Its owner
+    /// delivers STUN answers to the same [`Netchecker::inbox`].
+    pub fn set_v6(&mut self, v6: Option<Arc<UdpSocket>>) {
+        self.v6 = v6;
+    }
+
     /// Where the socket owner delivers STUN answers.
     pub fn inbox(&self) -> StunInbox {
         self.inbox.clone()

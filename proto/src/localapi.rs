@@ -147,6 +147,13 @@ pub struct Status {
     /// The control server's URL and whether we are connected to it.
     pub control_url: String,
     pub control_connected: bool,
+    /// The control session: `connecting`, `connected`, `needs-login`, `retrying`,
+    /// `refused` or `stopped`.
+    #[serde(default)]
+    pub control_state: String,
+    /// Why the last attempt failed, while `control_state` is `retrying` or `refused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_error: Option<String>,
     #[serde(rename = "self")]
     pub me: SelfStatus,
     pub peers: Vec<PeerStatus>,
@@ -170,6 +177,9 @@ pub struct SelfStatus {
     /// Round trip to the home region at the last netcheck, ms.
     pub home_latency_ms: Option<f64>,
     pub tun: Option<String>,
+    /// Why the tunnel has no IPv6 on this host (None: it has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_off: Option<String>,
 }
 
 /// One peer.

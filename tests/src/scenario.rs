@@ -306,40 +306,76 @@ impl Device {
 /// Starts `agentd up` on `host` and waits until its TUN device is up; returns the
 /// device with its 100.x address.
 pub fn start_agentd(lab: &Lab, host: &Host, name: &str, control: &Control) -> Result<Device> {
-    let state = lab.log_dir().join(format!("{name}-state"));
-    let socket = lab.log_dir().join(format!("{name}.sock"));
-    let mut agentd = lab.spawn(
-        host,
-        process::agentd()?,
-        [
-            "up".to_string(),
-            "--login-server".to_string(),
-            control.url.clone(),
-            "--auth-key".to_string(),
-            control.auth_key.clone(),
-            "--hostname".to_string(),
-            name.to_string(),
-            "--state-dir".to_string(),
-            state.display().to_string(),
-            "--socket".to_string(),
-            socket.display().to_string(),
-            "--log-level".to_string(),
-            "info,agent=debug".to_string(),
-        ],
-    )?;
-    let out = agentd.wait_for_output("TUN device up", Duration::from_secs(20))?;
-    let ip = out
+    let mut dev = spawn_agentd(lab, host, name, &control.url, Some(&control.auth_key))?;
+    let out = dev
+        .agentd
+        .wait_for_output("TUN device up", Duration::from_secs(20))?;
+    dev.ip = out
         .lines()
         .find(|l| l.contains("TUN device up"))
         .and_then(|l| l.split("v4=Some(").nth(1))
         .and_then(|s| s.split(')').next())
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| LabError::Invalid(format!("no tunnel address in agentd's log:\n{out}")))?;
+    Ok(dev)
+}
+
+impl Device {
+    /// Starts `agentd up --login-server URL` without a key and waits only for its local
+    /// API: for a control server that will not let it in. Its `ip` is unspecified.
+    pub fn start_unregistered(lab: &Lab, host: &Host, name: &str, url: &str) -> Result<Device> {
+        let mut dev = spawn_agentd(lab, host, name, url, None)?;
+        dev.agentd
+            .wait_for_output("local API listening", Duration::from_secs(20))?;
+        Ok(dev)
+    }
+}
+
+/// Starts `agentd up` on `host` against `url`, with the pre-auth key (if any) in a file,
+/// as the README says to run agentd: on the command line every local user could read it.
+fn spawn_agentd(
+    lab: &Lab,
+    host: &Host,
+    name: &str,
+    url: &str,
+    auth_key: Option<&str>,
+) -> Result<Device> {
+    let state = lab.log_dir().join(format!("{name}-state"));
+    let socket = lab.log_dir().join(format!("{name}.sock"));
+    let mut args = vec![
+        "up".to_string(),
+        "--login-server".to_string(),
+        url.to_string(),
+        "--hostname".to_string(),
+        name.to_string(),
+        "--state-dir".to_string(),
+        state.display().to_string(),
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--log-level".to_string(),
+        "info,agent=debug".to_string(),
+    ];
+    if let Some(key) = auth_key {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let key_file = lab.log_dir().join(format!("{name}-auth-key"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_file)
+            .and_then(|mut f| f.write_all(key.as_bytes()))
+            .map_err(|e| LabError::io(format!("writing {}", key_file.display()), e))?;
+        args.push("--auth-key-file".to_string());
+        args.push(key_file.display().to_string());
+    }
+    let agentd = lab.spawn(host, process::agentd()?, args)?;
     Ok(Device {
         name: name.to_string(),
         host: host.clone(),
         agentd,
-        ip,
+        ip: Ipv4Addr::UNSPECIFIED,
         socket,
     })
 }

@@ -1,4 +1,4 @@
-//! `agentd`: the mesh VPN daemon. `agentd up --login-server URL --auth-key KEY` joins
+//! `agentd`: the mesh VPN daemon. `agentd up --login-server URL --auth-key-file F` joins
 //! the network and runs until SIGINT or SIGTERM (Ctrl-C, or the service manager's stop
 //! on Windows), then removes what it set up.
 
@@ -29,7 +29,7 @@ enum ServiceCmd {
     /// Install (or update) the service and start it; running it again changes nothing
     /// unless the settings changed.
     #[command(
-        after_help = "Example:\n  sudo agentd service install --login-server https://control.example.com --auth-key KEY"
+        after_help = "Example:\n  sudo agentd service install --login-server https://control.example.com --auth-key-file /root/agentd.key"
     )]
     Install {
         /// The control server the service joins.
@@ -38,6 +38,9 @@ enum ServiceCmd {
         /// A pre-auth key for the first join (stored root-only).
         #[arg(long)]
         auth_key: Option<String>,
+        /// Read the pre-auth key from this file (`-`: standard input) instead.
+        #[arg(long, conflicts_with = "auth_key")]
+        auth_key_file: Option<PathBuf>,
         /// Write the files under this directory instead of / and start nothing
         /// (for packaging).
         #[arg(long, default_value = "/")]
@@ -68,11 +71,16 @@ fn service(cmd: ServiceCmd) -> std::process::ExitCode {
         ServiceCmd::Install {
             login_server,
             auth_key,
+            auth_key_file,
             root,
             no_start,
         } => std::env::current_exe()
             .map_err(anyhow::Error::from)
             .and_then(|exe| {
+                let auth_key = match auth_key_file {
+                    Some(f) => Some(read_auth_key(&f)?),
+                    None => auth_key,
+                };
                 service::install(&service::InstallOptions {
                     exe: exe.canonicalize().unwrap_or(exe),
                     login_server,
@@ -104,9 +112,13 @@ struct UpArgs {
     #[arg(long, env = "AGENTD_LOGIN_SERVER")]
     login_server: String,
     /// A pre-auth key; without one (and without earlier registration) agentd prints a
-    /// login URL to open.
+    /// login URL to open. On the command line every local user can read it: prefer
+    /// --auth-key-file or the environment variable.
     #[arg(long, env = "AGENTD_AUTH_KEY", hide_env_values = true)]
     auth_key: Option<String>,
+    /// Read the pre-auth key from this file (`-`: standard input).
+    #[arg(long, env = "AGENTD_AUTH_KEY_FILE", conflicts_with = "auth_key")]
+    auth_key_file: Option<PathBuf>,
     /// This device's name in the network (default: the host name).
     #[arg(long)]
     hostname: Option<String>,
@@ -160,6 +172,43 @@ fn run_as_service(
     };
     a.auth_key = how.settings.auth_key;
     up(a, stop)
+}
+
+/// Longest pre-auth key file read (keys are well under 100 bytes).
+const MAX_AUTH_KEY_FILE: u64 = 4096;
+
+/// Reads a pre-auth key from `path` (`-`: standard input), trimmed. The key itself is
+/// never part of an error.
+fn read_auth_key(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let what = if path == std::path::Path::new("-") {
+        std::io::stdin()
+            .take(MAX_AUTH_KEY_FILE)
+            .read_to_string(&mut text)
+            .context("reading the pre-auth key from standard input")?;
+        "standard input".to_string()
+    } else {
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_AUTH_KEY_FILE).read_to_string(&mut text))
+            .with_context(|| format!("reading the pre-auth key file {}", path.display()))?;
+        path.display().to_string()
+    };
+    let key = text.trim();
+    anyhow::ensure!(!key.is_empty(), "no pre-auth key in {what}");
+    anyhow::ensure!(
+        !key.contains(char::is_whitespace),
+        "{what} holds more than one word; it should hold only the pre-auth key"
+    );
+    Ok(key.to_string())
+}
+
+/// Whether the pre-auth key was given as a command-line argument (readable by every
+/// local user in /proc/<pid>/cmdline for the life of the process).
+fn auth_key_on_command_line() -> bool {
+    std::env::args_os()
+        .filter_map(|a| a.into_string().ok())
+        .any(|a| a == "--auth-key" || a.starts_with("--auth-key="))
 }
 
 fn hostname() -> String {
@@ -220,12 +269,22 @@ fn up(a: UpArgs, shutdown: agent::service::Shutdown) -> anyhow::Result<()> {
     } else {
         logs.with_ansi(terminal).init();
     }
+    if a.auth_key.is_some() && auth_key_on_command_line() {
+        tracing::warn!(
+            "the pre-auth key is on the command line, where every local user can read it: \
+             use --auth-key-file PATH (or - for standard input) or AGENTD_AUTH_KEY instead"
+        );
+    }
+    let auth_key = match &a.auth_key_file {
+        Some(f) => Some(read_auth_key(f)?),
+        None => a.auth_key,
+    };
     let cfg = agent::engine::Config {
         login_server: a
             .login_server
             .parse()
             .with_context(|| format!("bad --login-server {:?}", a.login_server))?,
-        auth_key: a.auth_key,
+        auth_key,
         hostname: a.hostname.unwrap_or_else(hostname),
         state_dir: a.state_dir.unwrap_or_else(agent::state::default_state_dir),
         port: a.port,

@@ -50,7 +50,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let ha = lab.add_lan_host("alice", &ra)?;
     let hb = lab.add_lan_host("bob", &rb)?;
 
-    step("starting agentd on alice and bob (agentd up --login-server … --auth-key …)");
+    step("starting agentd on alice and bob (agentd up --login-server … --auth-key-file …)");
     let a = scenario::start_agentd(&lab, &ha, "alice", &control)?;
     let b = scenario::start_agentd(&lab, &hb, "bob", &control)?;
     println!("    alice is {}, bob is {}", a.ip, b.ip);
