@@ -97,8 +97,22 @@ pub fn serve(path: &Path, engine: mpsc::Sender<Query>) -> anyhow::Result<ApiServ
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding the local API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    if let Ok(Some(g)) = nix::unistd::Group::from_name("agentd") {
-        let _ = nix::unistd::chown(path, None, Some(g.gid));
+    match nix::unistd::Group::from_name("agentd") {
+        Ok(Some(g)) => {
+            if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
+                tracing::warn!(
+                    socket = %path.display(),
+                    error = %e,
+                    "cannot give the local API socket to group agentd: only root can use agentctl \
+                     (run agentd in group agentd, as agentd.service does, or with CAP_CHOWN)"
+                );
+            }
+        }
+        Ok(None) => tracing::info!(
+            socket = %path.display(),
+            "no group agentd: only root can use agentctl (`groupadd --system agentd` to let its members)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot look up group agentd"),
     }
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
     let task = tokio::spawn(async move {

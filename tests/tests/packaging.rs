@@ -309,6 +309,14 @@ fn debs_hold_the_binaries_and_units_and_install_into_a_scratch_root() {
     std::fs::create_dir_all(admin.join("info")).unwrap();
     std::fs::create_dir_all(admin.join("updates")).unwrap();
     std::fs::write(admin.join("status"), "").unwrap();
+    // The root's own group files: postinst adds group agentd there, not to this system's.
+    let etc = root.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("group"), "root:x:0:\n").unwrap();
+    std::fs::write(etc.join("gshadow"), "root:*::\n").unwrap();
+    std::fs::write(etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(etc.join("shadow"), "root:*:1::::::\n").unwrap();
+    let host_groups = std::fs::read_to_string("/etc/group").unwrap();
     let o = Command::new("dpkg")
         .arg(format!("--root={}", root.path().display()))
         .args(["--force-depends", "--force-script-chrootless", "-i"])
@@ -320,6 +328,14 @@ fn debs_hold_the_binaries_and_units_and_install_into_a_scratch_root() {
         "dpkg -i: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // postinst made the group the unit runs in, in the root it was installed into.
+    let groups = std::fs::read_to_string(etc.join("group")).unwrap();
+    assert!(
+        groups.lines().any(|l| l.starts_with("agentd:")),
+        "no group agentd after installing: {groups}"
+    );
+    assert_eq!(std::fs::read_to_string("/etc/group").unwrap(), host_groups);
+    assert!(root.path().join("usr/lib/sysusers.d/agentd.conf").is_file());
     let agentd = root.path().join("usr/bin/agentd");
     assert!(root.path().join("usr/bin/agentctl").is_file());
     assert!(root
@@ -338,4 +354,179 @@ fn debs_hold_the_binaries_and_units_and_install_into_a_scratch_root() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&l.stdout).contains("/usr/bin/agentd"));
+}
+
+/// The `[Service]` settings of a unit, the last of each key (systemd's rule for most of
+/// them), and every `Environment=` line.
+fn service_settings(unit: &str) -> (std::collections::BTreeMap<String, String>, Vec<String>) {
+    let mut settings = std::collections::BTreeMap::new();
+    let mut env = Vec::new();
+    let mut in_service = false;
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=').filter(|_| in_service) else {
+            continue;
+        };
+        if k == "Environment" {
+            env.push(v.to_string());
+        } else {
+            settings.insert(k.to_string(), v.to_string());
+        }
+    }
+    (settings, env)
+}
+
+/// The numeric ID of group `name` in /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find(|l| l.split(':').next() == Some(name))
+        .and_then(|l| l.split(':').nth(2))
+        .and_then(|g| g.parse().ok())
+}
+
+/// The group `agentd` for the length of a test: made if missing (as the package's
+/// postinst does) and removed again only if this made it.
+struct AgentdGroup {
+    gid: u32,
+    made: bool,
+}
+
+impl AgentdGroup {
+    fn ensure() -> AgentdGroup {
+        if let Some(gid) = group_id("agentd") {
+            return AgentdGroup { gid, made: false };
+        }
+        let o = Command::new("groupadd")
+            .args(["--system", "agentd"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "groupadd: {o:?}");
+        AgentdGroup {
+            gid: group_id("agentd").unwrap(),
+            made: true,
+        }
+    }
+}
+
+impl Drop for AgentdGroup {
+    fn drop(&mut self) {
+        if self.made {
+            let _ = Command::new("groupdel").arg("agentd").output();
+        }
+    }
+}
+
+/// agentd run the way `packaging/systemd/agentd.service` runs it — its capability
+/// bounding set, no new privileges, its umask and group, its environment, its state and
+/// runtime directories with their modes — through `setpriv`, since this machine has no
+/// systemd as PID 1: a member of group `agentd` can use agentctl, and someone who is
+/// not cannot. (What `setpriv` cannot reproduce — the mount sandboxing, device policy,
+/// address families — is checked by `systemd-analyze verify` above.)
+#[test]
+fn a_member_of_group_agentd_uses_agentctl_when_agentd_runs_as_the_unit_runs_it() {
+    let lab = tests::lab_or_skip!(requires: ["setpriv", "groupadd"]);
+    let unit = std::fs::read_to_string(packaging().join("agentd.service")).unwrap();
+    let (s, env) = service_settings(&unit);
+    let group = AgentdGroup::ensure();
+    assert_eq!(s.get("Group").map(String::as_str), Some("agentd"), "{unit}");
+
+    // The state and runtime directories as systemd makes them: owned by root and the
+    // unit's group, with the unit's modes.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = |name: &str, mode_key: &str| {
+        let d = base.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        std::os::unix::fs::chown(&d, None, Some(group.gid)).unwrap();
+        let mode = u32::from_str_radix(&s[mode_key], 8).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+        d
+    };
+    let state = dir("state", "StateDirectoryMode");
+    let runtime = dir("run", "RuntimeDirectoryMode");
+    let socket = runtime.join("agentd.sock");
+
+    // setpriv: exactly the unit's capabilities, no new privileges, its group and no
+    // other; the umask through the shell that execs agentd.
+    let caps = |key: &str| -> String {
+        s.get(key)
+            .map(|v| {
+                v.split_whitespace()
+                    .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(s.get("NoNewPrivileges").map(String::as_str), Some("yes"));
+    let umask = s["UMask"].clone();
+    let host = lab.add_public_host("dev").unwrap();
+    let mut cmd = lab.command(&host.node, "setpriv");
+    cmd.arg(format!(
+        "--bounding-set=-all{}",
+        caps("CapabilityBoundingSet")
+    ))
+    .arg(format!("--inh-caps=-all{}", caps("AmbientCapabilities")))
+    .arg(format!(
+        "--ambient-caps=-all{}",
+        caps("AmbientCapabilities")
+    ))
+    .arg("--no-new-privs")
+    .arg(format!("--regid={}", group.gid))
+    .arg("--clear-groups")
+    .args(["sh", "-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+    .arg(tests::process::agentd().unwrap())
+    .arg("up");
+    for e in &env {
+        let (k, v) = e.trim_matches('"').split_once('=').unwrap();
+        let v = match k {
+            "AGENTD_STATE_DIR" => state.display().to_string(),
+            "AGENTD_SOCKET" => socket.display().to_string(),
+            _ => v.to_string(),
+        };
+        cmd.env(k, v);
+    }
+    // No control server: the local API answers all the same.
+    cmd.env("AGENTD_LOGIN_SERVER", "http://127.0.0.1:9");
+    let mut agentd = lab.spawn_command("dev-agentd-as-unit", cmd).unwrap();
+    agentd
+        .wait_for_output("local API listening", std::time::Duration::from_secs(20))
+        .unwrap();
+
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(&socket).unwrap();
+        assert_eq!(m.gid(), group.gid, "the socket is not in group agentd");
+        assert_eq!(m.mode() & 0o777, 0o660);
+    }
+    let agentctl = |groups: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", groups, "--inh-caps=-all"])
+            .arg(tests::process::agentctl().unwrap())
+            .arg("--socket")
+            .arg(&socket)
+            .args(["status", "--json"])
+            .output()
+            .unwrap()
+    };
+    let member = agentctl(&format!("--groups={}", group.gid));
+    assert!(
+        member.status.success(),
+        "a member of group agentd: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&member.stdout).unwrap();
+    assert!(status["control_state"].is_string(), "{status:#}");
+    let stranger = agentctl("--clear-groups");
+    assert!(
+        !stranger.status.success(),
+        "someone outside group agentd could use agentctl"
+    );
+    let log = agentd.stderr();
+    assert!(!log.contains("cannot give the local API socket"), "{log}");
+    agentd.stop().unwrap();
 }
