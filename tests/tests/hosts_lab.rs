@@ -153,6 +153,30 @@ fn ipv6_disabled_hosts_go_direct_and_say_ipv6_is_off() {
         let log = d.agentd.stderr();
         assert_eq!(log.matches("IPv6 off on this host").count(), 1, "{log}");
     }
+
+    // IPv6 switched on again on alice's host: agentd takes it up without a restart.
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.default.disable_ipv6=0",
+    ] {
+        lab.exec_ok(&ha, "sysctl", ["-q", "-w", key]).unwrap();
+    }
+    let t0 = Instant::now();
+    loop {
+        let s = a.status(&lab).unwrap();
+        let addrs = lab
+            .exec_ok(&ha, "ip", ["-6", "addr", "show", "dev", "agentd0"])
+            .unwrap();
+        if s["self"]["ipv6_off"].is_null() && addrs.contains("fd7a:115c:a1e0") {
+            eprintln!("IPv6 switched on: agentd took it up after {:?}", t0.elapsed());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "IPv6 not taken up after 10 s: {addrs}\n{s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
