@@ -54,6 +54,9 @@ const MAX_DATAGRAM: usize = 65_535;
 const REINITIATE_AFTER: Duration = Duration::from_millis(200);
 /// Largest run of datagrams sent in one call (the kernel's limit for one UDP GSO send).
 const GSO_MAX_BYTES: usize = 64_000;
+/// Quick re-measurements of our endpoints because a direct path went quiet are at least
+/// this far apart (many peers going quiet at once is one event: our NAT moved us).
+const RESTUN_MIN_INTERVAL: Duration = Duration::from_secs(2);
 /// Peers we hold at most (netmap entries beyond are ignored and counted).
 const MAX_PEERS: usize = 10_000;
 
@@ -106,6 +109,8 @@ pub struct Counters {
     pub ipv6_off_dropped: u64,
     /// Times the TUN device disappeared and was made again.
     pub tun_recreated: u64,
+    /// Quick reports asked for because a direct path went quiet.
+    pub restun_quiet_path: u64,
 }
 
 impl Counters {
@@ -128,6 +133,7 @@ impl Counters {
             ("peers_over_limit", self.peers_over_limit),
             ("ipv6_off_dropped", self.ipv6_off_dropped),
             ("tun_recreated", self.tun_recreated),
+            ("restun_quiet_path", self.restun_quiet_path),
             ("relay_sent", relays.sent),
             ("relay_dropped_no_region", relays.dropped_no_region),
             ("relay_dropped_queue_full", relays.dropped_queue_full),
@@ -265,6 +271,10 @@ struct Engine {
     /// answers go, and the engine's datagram queue.
     stun_inbox: Option<StunInbox>,
     udp_tx: Option<mpsc::Sender<Datagrams>>,
+    /// A direct path went quiet: measure our endpoints again (at most every
+    /// [`RESTUN_MIN_INTERVAL`]).
+    restun_wanted: bool,
+    last_restun: Option<Instant>,
     /// Hands netcheck the IPv6 socket when it changes.
     netcheck_v6: watch::Sender<Option<Arc<UdpSocket>>>,
     gso: Option<Gso>,
@@ -339,6 +349,8 @@ impl Engine {
             sock6,
             ipv6: Ipv6Support::On,
             udp6_reader: None,
+            restun_wanted: false,
+            last_restun: None,
             stun_inbox: None,
             udp_tx: None,
             gso: None,
@@ -422,7 +434,9 @@ impl Engine {
         self.udp_tx = Some(udp_tx);
         let mut netcheck_v6 = self.netcheck_v6.subscribe();
         let heard = Arc::clone(&self.heard);
-        let (renetcheck_tx, mut renetcheck_rx) = mpsc::channel::<()>(1);
+        // Asks for a report now: `true` a full one (a network change, `agentctl
+        // netcheck`), `false` a quick one (a direct path went quiet: did our NAT move us?).
+        let (renetcheck_tx, mut renetcheck_rx) = mpsc::channel::<bool>(1);
         let netcheck_task = tokio::spawn(async move {
             let mut map_rx = map_rx;
             loop {
@@ -450,7 +464,11 @@ impl Engine {
                 let wait = Duration::from_millis(rand::thread_rng().gen_range(20_000..26_000));
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = renetcheck_rx.recv() => { nc.force_full(); }
+                    Some(full) = renetcheck_rx.recv() => {
+                        if full {
+                            nc.force_full();
+                        }
+                    }
                     r = map_rx.changed() => { if r.is_err() { return; } }
                 }
             }
@@ -577,7 +595,7 @@ impl Engine {
                         if netcheck_waiters.len() < 16 {
                             netcheck_waiters.push(tx);
                         }
-                        let _ = renetcheck_tx.try_send(());
+                        let _ = renetcheck_tx.try_send(true);
                     }
                     Query::Down(tx) => {
                         if self.session.is_some() {
@@ -596,7 +614,7 @@ impl Engine {
                             netmap_rx = Some(s.netmap.clone());
                             state_rx = Some(s.state.clone());
                             self.session = Some(s);
-                            let _ = renetcheck_tx.try_send(());
+                            let _ = renetcheck_tx.try_send(true);
                         }
                         let _ = tx.send(());
                     }
@@ -639,6 +657,18 @@ impl Engine {
             if self.pending_endpoints.is_some() || self.pending_home.is_some() {
                 self.push_to_control();
             }
+            if self.restun_wanted
+                && self
+                    .last_restun
+                    .is_none_or(|t| now.saturating_duration_since(t) >= RESTUN_MIN_INTERVAL)
+            {
+                // A direct path went quiet: if our NAT rebound, our public endpoint moved,
+                // and peers must learn the new one now (see `update_endpoints`).
+                self.restun_wanted = false;
+                self.last_restun = Some(now);
+                self.counters.restun_quiet_path += 1;
+                let _ = renetcheck_tx.try_send(false);
+            }
             if tokio::time::Instant::now() >= next_netmon {
                 next_netmon = tokio::time::Instant::now() + NETMON_INTERVAL;
                 // IPv6 switched on since it was found off counts as a network change.
@@ -654,7 +684,7 @@ impl Engine {
                     // next regular report.)
                     tracing::info!(?addrs, "network changed");
                     local_net = net;
-                    let _ = renetcheck_tx.try_send(());
+                    let _ = renetcheck_tx.try_send(true);
                     portmapper.retry();
                     for p in self.peers.values_mut() {
                         p.path.rediscover(now);
@@ -1216,6 +1246,14 @@ impl Engine {
         }
         if dedup != self.endpoints {
             tracing::info!(endpoints = ?dedup, "endpoints changed");
+            // Peers we talk to learn them at once through the relay (call-me-maybe),
+            // not only when control has passed them on: after a NAT rebinding their
+            // packets to our old endpoint are being dropped.
+            let now = Instant::now();
+            for (k, p) in self.peers.iter_mut() {
+                p.path.our_endpoints_changed(now);
+                self.dirty.insert(*k);
+            }
             self.endpoints = dedup.clone();
             self.pending_endpoints = Some(dedup.iter().map(|e| e.to_string()).collect());
             self.push_to_control();
@@ -1609,6 +1647,9 @@ impl Engine {
             if let WgAction::Send(b) = p.wg.initiate(&mut self.buf) {
                 reinit = Some(Bytes::copy_from_slice(b));
             }
+        }
+        if std::mem::take(&mut p.path_quiet) {
+            self.restun_wanted = true;
         }
         let region = p.home_region;
         for e in out {

@@ -69,6 +69,9 @@ pub struct Peer {
     pub last_initiation: Option<Instant>,
     /// Path selection just found a direct path.
     pub went_direct: bool,
+    /// The trusted direct path went quiet since the engine last looked: it measures
+    /// our public endpoints again (a NAT rebinding moves them).
+    pub path_quiet: bool,
     /// Datagrams waiting for a path (bounded by [`MAX_STALLED`]).
     pub stalled: VecDeque<bytes::Bytes>,
 }
@@ -116,6 +119,7 @@ impl Peer {
             stalled: VecDeque::new(),
             last_initiation: None,
             went_direct: false,
+            path_quiet: false,
             api_pings: Default::default(),
             api_pongs: VecDeque::new(),
         }
@@ -287,8 +291,12 @@ impl Peer {
                         packet: bx.seal(my_disco, &msg),
                     });
                 }
+                Action::DirectPathQuiet => self.path_quiet = true,
                 Action::PathChanged(p) => {
                     self.went_direct |= matches!(p, disco::path::Path::Direct(_));
+                    // A direct path lost (however it was found out) may be our NAT
+                    // having moved us, as a quiet one may.
+                    self.path_quiet |= p == disco::path::Path::Relay;
                     tracing::info!(peer = %self.key.short(), name = %self.name, path = %p, "path changed");
                 }
             }

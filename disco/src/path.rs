@@ -52,6 +52,11 @@ pub enum Action {
     SendCallMeMaybe,
     /// The best path changed.
     PathChanged(Path),
+    /// The trusted direct path went quiet while data went out, and was pinged: if the
+    /// cause is our NAT forgetting or moving our mapping, our public endpoint has
+    /// changed, and the caller should measure it again now (re-STUN) rather than at the
+    /// next regular report.
+    DirectPathQuiet,
 }
 
 /// Where a packet goes now (§3.3).
@@ -651,7 +656,29 @@ impl PathState {
         } else {
             self.counters.silence_probes += 1;
             self.send_ping(b.addr, now);
+            self.push(Action::DirectPathQuiet);
         }
+    }
+
+    /// Our own endpoints changed (a new public port after a NAT rebinding, a new
+    /// network): while traffic flows the peer must learn them now, even over a path
+    /// still trusted — its packets to our old endpoint are being dropped. Sends a
+    /// call-me-maybe at once (the peer then pings our new endpoints, opening both NATs)
+    /// and pings every candidate again.
+    pub fn our_endpoints_changed(&mut self, now: Instant) {
+        let active = self
+            .last_data
+            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT);
+        if !active {
+            return;
+        }
+        let all: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+        for a in all {
+            self.send_ping(a, now);
+        }
+        self.last_full_ping = Some(now);
+        self.cmm_retry = CMM_RETRY_MIN;
+        self.send_call_me_maybe(now);
     }
 
     /// A call-me-maybe arrived (through the relay, checked by the caller): its endpoints
@@ -836,6 +863,7 @@ mod tests {
                 Action::SendPing { to, tx_id } => pings.push((to, tx_id)),
                 Action::SendCallMeMaybe => cmm = true,
                 Action::PathChanged(x) => changes.push(x),
+                Action::DirectPathQuiet => {}
             }
         }
         (pings, cmm, changes)
@@ -1456,6 +1484,52 @@ mod tests {
             answer(&mut p, &pings, &[(from, ms(10))], now);
         }
         assert_eq!(p.path(), Path::Direct(from));
+    }
+
+    #[test]
+    fn our_new_endpoints_are_announced_at_once_even_over_a_trusted_path() {
+        let t0 = Instant::now();
+        let a = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641", "203.0.113.9:41641"], t0);
+        // Idle: nothing to announce (the next data starts discovery anyway).
+        p.our_endpoints_changed(t0);
+        assert_eq!(p.poll_action(), None);
+        p.on_data_sent(t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(a, ms(10))], t0);
+        drain(&mut p);
+        let t1 = t0 + ms(300);
+        p.on_data_sent(t1);
+        assert!(p.send_targets(t1).udp == Some(a) && !p.send_targets(t1).relay);
+        p.our_endpoints_changed(t1);
+        let (pings, cmm, changes) = drain(&mut p);
+        assert!(cmm, "no call-me-maybe for our new endpoints");
+        assert_eq!(pings.len(), 2, "every candidate pinged again");
+        assert!(changes.is_empty(), "the trusted path stays: {changes:?}");
+        assert_eq!(p.path(), Path::Direct(a));
+    }
+
+    #[test]
+    fn a_quiet_trusted_path_asks_for_a_new_measurement_once() {
+        let t0 = Instant::now();
+        let a = addr("198.51.100.2:41641");
+        let mut p = peer(&["198.51.100.2:41641"], t0);
+        p.on_data_sent(t0);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(a, ms(10))], t0);
+        drain(&mut p);
+        // Data keeps going out; nothing comes back.
+        let mut quiet = 0;
+        let mut now = t0;
+        while now < t0 + SILENCE_PROBE_AFTER + SILENCE_PROBE_WAIT {
+            now += ms(50);
+            p.on_data_sent(now);
+            p.handle_timeout(now);
+            while let Some(x) = p.poll_action() {
+                quiet += usize::from(x == Action::DirectPathQuiet);
+            }
+        }
+        assert_eq!(quiet, 1, "one request per quiet spell");
     }
 
     #[test]

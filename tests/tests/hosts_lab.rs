@@ -168,7 +168,10 @@ fn ipv6_disabled_hosts_go_direct_and_say_ipv6_is_off() {
             .exec_ok(&ha, "ip", ["-6", "addr", "show", "dev", "agentd0"])
             .unwrap();
         if s["self"]["ipv6_off"].is_null() && addrs.contains("fd7a:115c:a1e0") {
-            eprintln!("IPv6 switched on: agentd took it up after {:?}", t0.elapsed());
+            eprintln!(
+                "IPv6 switched on: agentd took it up after {:?}",
+                t0.elapsed()
+            );
             break;
         }
         assert!(
@@ -249,4 +252,107 @@ fn a_login_server_that_never_answers_shows_retrying() {
     assert!(!held.lock().unwrap().is_empty(), "agentd never connected");
     let (ok, text, _) = dev.agentctl(&lab, &["status"]).unwrap();
     assert!(ok && text.contains("control: retrying"), "{text}");
+}
+
+/// The public port the rebinding moves alice's NAT to (a one-port range keeps the NAT
+/// endpoint-independent: every flow from alice's socket gets it).
+const REBOUND_PORT: u16 = 40000;
+
+#[test]
+fn nat_rebinding_is_direct_again_within_3_s() {
+    let lab = lab_or_skip!(requires: ["conntrack"]);
+    let (region, control) = world(&lab);
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
+    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
+    scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(15)).unwrap();
+    let ping = start_steady_ping(&lab, &ha, b.ip);
+    for (d, peer) in [(&a, "bob"), (&b, "alice")] {
+        d.wait_peer(&lab, peer, Duration::from_secs(10), |p| {
+            p["path"] == "direct"
+        })
+        .unwrap();
+    }
+
+    // On the wire between the NATs: bob's packets to alice's new public port (direct
+    // traffic after the rebinding), alice's from it, and alice's relayed traffic.
+    let count = |filter: String| lab.count_packets(lab.internet(), &filter).unwrap();
+    let to_new = count(format!(
+        "ip saddr {} ip daddr {} udp dport {REBOUND_PORT}",
+        rb.wan_ip, ra.wan_ip
+    ));
+    let from_new = count(format!(
+        "ip saddr {} ip daddr {} udp sport {REBOUND_PORT}",
+        ra.wan_ip, rb.wan_ip
+    ));
+    let relayed = count(format!(
+        "ip saddr {} ip daddr {} tcp dport 443",
+        ra.wan_ip, region.host.ip
+    ));
+    let old_port = a.status(&lab).unwrap()["self"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str()?.parse::<SocketAddr>().ok())
+        .find(|e| e.ip() == std::net::IpAddr::V4(ra.wan_ip))
+        .map(|e| e.port())
+        .expect("alice advertises no public endpoint");
+    assert_ne!(old_port, REBOUND_PORT);
+
+    // The rebinding: the NAT maps to another port from now on, and forgets every
+    // mapping it had.
+    lab.exec_ok(&ra, "nft", ["flush", "chain", "ip", "lab", "postrouting"])
+        .unwrap();
+    // UDP to the new port, the rest (TCP to the relay) as before.
+    for rule in [
+        format!("add rule ip lab postrouting oifname \"wan\" meta l4proto udp fib saddr type != local masquerade to :{REBOUND_PORT} persistent"),
+        "add rule ip lab postrouting oifname \"wan\" fib saddr type != local masquerade persistent".to_string(),
+    ] {
+        lab.exec_ok(&ra, "nft", [rule.as_str()]).unwrap();
+    }
+    let rebound = epoch_now();
+    let t0 = Instant::now();
+    lab.exec_ok(&ra, "conntrack", ["-F"]).unwrap();
+
+    // Sampled every 100 ms for 10 s: (time since the flush, to_new, from_new, relayed).
+    let mut samples = Vec::new();
+    while t0.elapsed() < Duration::from_secs(10) {
+        samples.push((
+            t0.elapsed(),
+            to_new.packets().unwrap(),
+            from_new.packets().unwrap(),
+            relayed.packets().unwrap(),
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Direct again: the first sample from which, for half a second, the 20/s ping
+    // crosses directly both ways on the new port (≥ 8 of its 10 packets each way) and
+    // next to nothing goes through the relay.
+    let direct_at = samples.iter().enumerate().find_map(|(i, s)| {
+        let later = samples[i..]
+            .iter()
+            .find(|l| l.0 >= s.0 + Duration::from_millis(500))?;
+        (later.1 - s.1 >= 8 && later.2 - s.2 >= 8 && later.3 - s.3 <= 2).then_some(s.0)
+    });
+    let resumed = resumed_after(&ping, rebound, Duration::from_secs(1));
+    eprintln!(
+        "NAT rebinding (public port {old_port} -> {REBOUND_PORT}): direct again after {direct_at:?} \
+         (on the wire), ping replies resumed after {resumed:?}"
+    );
+    let direct_at = direct_at.unwrap_or_else(|| panic!("never direct again: {samples:?}"));
+    assert!(
+        direct_at <= Duration::from_secs(3),
+        "direct again only after {direct_at:?}: {samples:?}"
+    );
+    // alice now advertises the new port.
+    let s = a.status(&lab).unwrap();
+    assert!(
+        s["self"]["endpoints"]
+            .to_string()
+            .contains(&format!("{}:{REBOUND_PORT}", ra.wan_ip)),
+        "{s:#}"
+    );
 }
