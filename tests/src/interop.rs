@@ -27,6 +27,13 @@ pub fn tool(name: &str) -> Option<PathBuf> {
         "{name} not found in {}: .ci/run builds it (Tailscale v1.102.3, Headscale v0.29.0)",
         dir.display()
     );
-    eprintln!("SKIPPED (not CI): {name} not installed (see .ci/run)");
+    // Once per test program: one line says what to install.
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "SKIPPED (not CI): interop tests here: {name} is not in {} (install Go 1.26 or newer, then `sudo .ci/run --deps-only` builds Tailscale's and Headscale's programs)",
+            dir.display()
+        )
+    });
     None
 }

@@ -184,6 +184,20 @@ pub struct Lab {
 }
 
 /// Whether `program` is on PATH (or in the sbin folders, which a non-login root may lack).
+/// The Debian package that has `program`, for the line saying what to install.
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "conntrack" => "conntrack",
+        "miniupnpd" => "miniupnpd-nftables",
+        "upnpc" => "miniupnpc",
+        "iperf3" => "iperf3",
+        "setpriv" => "util-linux",
+        "groupadd" => "passwd",
+        "systemd-analyze" => "systemd",
+        _ => "its Debian package",
+    }
+}
+
 pub fn have_program(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -206,16 +220,21 @@ impl Lab {
     pub fn new_requiring(programs: &[&str]) -> Result<Lab> {
         if !nix::unistd::geteuid().is_root() {
             return Err(LabError::Unavailable(
-                "the lab needs root (network namespaces, nftables)".to_string(),
+                "the lab needs root (network namespaces, nftables): run the tests with sudo"
+                    .to_string(),
             ));
         }
-        for (program, package) in [("ip", "iproute2"), ("nft", "nftables")]
-            .into_iter()
-            .chain(programs.iter().map(|p| (*p, "its Debian package")))
+        for (program, package) in [
+            ("ip", "iproute2"),
+            ("nft", "nftables"),
+            ("ping", "iputils-ping"),
+        ]
+        .into_iter()
+        .chain(programs.iter().map(|p| (*p, package_of(p))))
         {
             if !have_program(program) {
                 return Err(LabError::Unavailable(format!(
-                    "`{program}` is not installed (install {package}; .ci/run does)"
+                    "`{program}` is not installed (install {package}; `sudo .ci/run --deps-only` installs everything the tests need)"
                 )));
             }
         }

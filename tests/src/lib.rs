@@ -85,7 +85,17 @@ pub fn in_ci() -> bool {
 pub fn skip_or_fail(err: &LabError) {
     match err {
         LabError::Unavailable(_) if !in_ci() => {
-            eprintln!("SKIPPED (not CI): {err}");
+            // Each reason once per test program, not once per test: one line says what
+            // to install.
+            static SAID: std::sync::Mutex<std::collections::BTreeSet<String>> =
+                std::sync::Mutex::new(std::collections::BTreeSet::new());
+            let first = SAID
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(err.to_string());
+            if first {
+                eprintln!("SKIPPED (not CI): lab tests here: {err}");
+            }
         }
         LabError::Unavailable(_) => panic!("{err} — under CI=true the lab must work"),
         other => panic!("cannot build the lab: {other}"),
