@@ -121,14 +121,10 @@ impl Counters {
             ("tun_write_errors", self.tun_write_errors),
             ("relay_packets_in", self.relay_packets_in),
             ("peers_over_limit", self.peers_over_limit),
-            ("relay_sent", relays.sent),
-            ("relay_dropped_no_region", relays.dropped_no_region),
-            ("relay_dropped_queue_full", relays.dropped_queue_full),
-            ("relay_opened", relays.opened),
-            ("relay_closed_idle", relays.closed_idle),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(relays.named())
         .collect();
         for (reason, n) in &self.wg_drop {
             m.insert(format!("wg_drop: {reason}"), *n);
