@@ -250,7 +250,9 @@ impl Relays {
                 match previous {
                     Some(previous) => {
                         self.counters.node_changes += 1;
-                        tracing::info!(region, addr = %remote, %previous, "relay connected (another node of the region)");
+                        // Same message as a first connect (tests and people grep for it),
+                        // plus the node it left.
+                        tracing::info!(region, addr = %remote, moved_from = %previous, "relay connected");
                     }
                     None => tracing::info!(region, addr = %remote, "relay connected"),
                 }
