@@ -38,7 +38,8 @@ use liveness::{Liveness, LivenessAction, LivenessConfig, WRITE_TIMEOUT};
 #[derive(Debug, Clone)]
 pub struct RelayClientConfig {
     pub target: RelayTarget,
-    /// Other nodes of the same region, tried in turn when a connection attempt fails.
+    /// Other nodes of the same region, tried in turn when a connection attempt fails or
+    /// a connection goes silent (see [`DisconnectReason::node_unreachable`]).
     pub alternates: Vec<RelayTarget>,
     pub key: NodePrivate,
     pub info: ClientInfo,
