@@ -134,14 +134,10 @@ impl Counters {
             ("ipv6_off_dropped", self.ipv6_off_dropped),
             ("tun_recreated", self.tun_recreated),
             ("restun_quiet_path", self.restun_quiet_path),
-            ("relay_sent", relays.sent),
-            ("relay_dropped_no_region", relays.dropped_no_region),
-            ("relay_dropped_queue_full", relays.dropped_queue_full),
-            ("relay_opened", relays.opened),
-            ("relay_closed_idle", relays.closed_idle),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(relays.named())
         .collect();
         for (reason, n) in &self.wg_drop {
             m.insert(format!("wg_drop: {reason}"), *n);

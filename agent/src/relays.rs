@@ -1,16 +1,19 @@
 //! Relay connections, one per region: the home region's kept open (and marked preferred),
 //! others opened on demand when a peer lives there and closed after 60 s without a write
 //! (shared/PROTOCOLS.md §3.9). Each connection is a `relay::client::RelayClient` actor
-//! trying the region's nodes in order; its events are forwarded, tagged with the region,
-//! into one bounded channel the engine reads.
+//! trying the region's nodes in order (after a node goes silent or refuses, the next
+//! attempt goes to the region's next node); its events are forwarded, tagged with the
+//! region, into one bounded channel the engine reads. Every lost connection is counted
+//! by its reason (`relay_dead_silent`, …), every move to another node of a region too.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::relaymap::RelayMap;
 use proto::{NodePrivate, NodePublic};
-use relay::client::{RelayClient, RelayClientConfig, RelayEvent, RelayTarget};
+use relay::client::{DisconnectReason, RelayClient, RelayClientConfig, RelayEvent, RelayTarget};
 use tokio::sync::mpsc;
 
 /// A non-home connection with no write for this long is closed.
@@ -23,6 +26,8 @@ struct Conn {
     forwarder: tokio::task::JoinHandle<()>,
     last_write: Instant,
     connected: bool,
+    /// The node address of the last connection that came up.
+    node: Option<SocketAddr>,
 }
 
 impl Drop for Conn {
@@ -40,6 +45,39 @@ pub struct RelayCounters {
     pub dropped_queue_full: u64,
     pub opened: u64,
     pub closed_idle: u64,
+    /// Connections lost (or attempts failed), by reason, in `DisconnectReason::ALL`'s
+    /// order.
+    pub lost: [u64; DisconnectReason::ALL.len()],
+    /// A region's connection came back up on another of its nodes than before.
+    pub node_changes: u64,
+}
+
+impl RelayCounters {
+    /// Connections lost for `reason`.
+    pub fn lost(&self, reason: DisconnectReason) -> u64 {
+        DisconnectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.lost[i])
+    }
+
+    /// Every counter by name (`relay_sent`, `relay_dead_silent`, …), each even at zero.
+    pub fn named(&self) -> impl Iterator<Item = (String, u64)> {
+        let fixed = [
+            ("relay_sent", self.sent),
+            ("relay_dropped_no_region", self.dropped_no_region),
+            ("relay_dropped_queue_full", self.dropped_queue_full),
+            ("relay_opened", self.opened),
+            ("relay_closed_idle", self.closed_idle),
+            ("relay_node_changes", self.node_changes),
+        ]
+        .map(|(k, v)| (k.to_string(), v));
+        let lost = DisconnectReason::ALL
+            .iter()
+            .zip(self.lost)
+            .map(|(r, n)| (format!("relay_{}", r.as_str()), n));
+        fixed.into_iter().chain(lost)
+    }
 }
 
 /// The set of relay connections.
@@ -172,6 +210,7 @@ impl Relays {
                 forwarder,
                 last_write: Instant::now(),
                 connected: false,
+                node: None,
             },
         );
         true
@@ -203,17 +242,34 @@ impl Relays {
     pub fn note_event(&mut self, region: i32, ev: &RelayEvent, now: Instant) {
         match ev {
             RelayEvent::Connected { remote, .. } => {
+                let mut previous = None;
                 if let Some(c) = self.conns.get_mut(&region) {
                     c.connected = true;
+                    previous = c.node.replace(*remote).filter(|p| p != remote);
                 }
-                tracing::info!(region, addr = %remote, "relay connected");
+                match previous {
+                    Some(previous) => {
+                        self.counters.node_changes += 1;
+                        // Same message as a first connect (tests and people grep for it),
+                        // plus the node it left.
+                        tracing::info!(region, addr = %remote, moved_from = %previous, "relay connected");
+                    }
+                    None => tracing::info!(region, addr = %remote, "relay connected"),
+                }
                 self.last_heard.insert(region, now);
             }
-            RelayEvent::Disconnected { error, retry_in } => {
+            RelayEvent::Disconnected {
+                reason,
+                error,
+                retry_in,
+            } => {
                 if let Some(c) = self.conns.get_mut(&region) {
                     c.connected = false;
                 }
-                tracing::info!(region, %error, ?retry_in, "relay disconnected");
+                if let Some(i) = DisconnectReason::ALL.iter().position(|r| r == reason) {
+                    self.counters.lost[i] += 1;
+                }
+                tracing::info!(region, %reason, %error, ?retry_in, "relay disconnected");
             }
             _ => {
                 self.last_heard.insert(region, now);
@@ -330,5 +386,63 @@ mod tests {
         r.close_all();
         assert!(r.conns.is_empty());
         assert_eq!(r.home(), None);
+    }
+
+    #[tokio::test]
+    async fn lost_connections_are_counted_by_reason_and_a_move_to_another_node_is_noted() {
+        let (mut r, _events) = Relays::new(NodePrivate::generate());
+        r.set_map(map(&[901], closed_port()));
+        r.set_home(901);
+        let now = Instant::now();
+        let server_key = NodePrivate::generate().public();
+        let a: SocketAddr = "203.0.113.10:443".parse().unwrap();
+        let b: SocketAddr = "203.0.113.11:443".parse().unwrap();
+        r.note_event(
+            901,
+            &RelayEvent::Connected {
+                server_key,
+                remote: a,
+            },
+            now,
+        );
+        assert!(r.connected(901));
+        r.note_event(
+            901,
+            &RelayEvent::Disconnected {
+                reason: DisconnectReason::DeadSilent,
+                error: "nothing heard".into(),
+                retry_in: Duration::from_millis(100),
+            },
+            now,
+        );
+        assert!(!r.connected(901));
+        r.note_event(
+            901,
+            &RelayEvent::Connected {
+                server_key,
+                remote: b,
+            },
+            now,
+        );
+        assert_eq!(r.counters.lost(DisconnectReason::DeadSilent), 1);
+        assert_eq!(r.counters.lost(DisconnectReason::Closed), 0);
+        assert_eq!(r.counters.node_changes, 1);
+        let named: BTreeMap<String, u64> = r.counters.named().collect();
+        assert_eq!(named["relay_dead_silent"], 1);
+        assert_eq!(named["relay_node_changes"], 1);
+        // Every reason is listed, even at zero.
+        for reason in DisconnectReason::ALL {
+            assert!(named.contains_key(&format!("relay_{}", reason.as_str())));
+        }
+        // Back on the same node: not a move.
+        r.note_event(
+            901,
+            &RelayEvent::Connected {
+                server_key,
+                remote: b,
+            },
+            now,
+        );
+        assert_eq!(r.counters.node_changes, 1);
     }
 }

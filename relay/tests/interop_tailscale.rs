@@ -173,4 +173,28 @@ async fn our_client_exchanges_packets_through_tailscale_derper() {
             "{name}"
         );
     }
+
+    // Our reconnecting client's liveness pings, answered by derper: an idle connection
+    // stays up on its Pongs alone (derper's keepalive comes only every minute).
+    let mut cc = relay::client::RelayClientConfig::new(
+        target(plain_addr, None, false),
+        proto::NodePrivate::generate(),
+    );
+    cc.liveness = relay::client::liveness::LivenessConfig {
+        ping_after: Duration::from_millis(200),
+        pong_timeout: Duration::from_millis(500),
+    };
+    let (rc, mut events) = relay::client::RelayClient::spawn(cc);
+    let first = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
+    assert!(
+        matches!(first, Some(relay::client::RelayEvent::Connected { .. })),
+        "{first:?}"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(3), events.recv()).await;
+    assert!(r.is_err(), "derper's answers did not keep it up: {r:?}");
+    let pongs = rc
+        .stats()
+        .pongs_received
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(pongs >= 5, "{pongs} pongs from derper in 3 s");
 }

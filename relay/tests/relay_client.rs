@@ -5,12 +5,14 @@
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
 use proto::NodePrivate;
-use relay::client::{RelayClient, RelayClientConfig, RelayEvent};
+use relay::client::liveness::LivenessConfig;
+use relay::client::{DisconnectReason, RelayClient, RelayClientConfig, RelayEvent};
 use tokio::sync::mpsc;
 
 async fn next_event(rx: &mut mpsc::Receiver<RelayEvent>) -> RelayEvent {
@@ -138,42 +140,139 @@ async fn a_dead_node_is_skipped_for_the_regions_next_one_and_the_event_says_whic
     assert_eq!(remote, a.http_addr());
 }
 
-#[tokio::test]
-async fn silent_connection_is_declared_dead_and_replaced() {
-    // The server's keepalive (60 s) is far beyond the client's silence limit here.
-    let srv = start(config()).await;
-    let mut cc = RelayClientConfig::new(plain(srv.http_addr()), NodePrivate::generate());
-    cc.silence_timeout = Duration::from_millis(500);
-    let (_client, mut events) = RelayClient::spawn(cc);
-    assert!(matches!(
-        next_event(&mut events).await,
-        RelayEvent::Connected { .. }
-    ));
-    match next_event(&mut events).await {
-        RelayEvent::Disconnected { error, .. } => assert!(error.contains("no frame"), "{error}"),
-        other => panic!("expected a disconnect, got {other:?}"),
+/// Liveness deadlines short enough for a test: dead after 600 ms of silence.
+fn quick_liveness() -> LivenessConfig {
+    LivenessConfig {
+        ping_after: Duration::from_millis(300),
+        pong_timeout: Duration::from_millis(300),
     }
-    assert!(matches!(
-        next_event(&mut events).await,
-        RelayEvent::Connected { .. }
-    ));
+}
+
+async fn connected(rx: &mut mpsc::Receiver<RelayEvent>) -> std::net::SocketAddr {
+    loop {
+        if let RelayEvent::Connected { remote, .. } = next_event(rx).await {
+            return remote;
+        }
+    }
 }
 
 #[tokio::test]
-async fn keepalives_keep_a_quiet_connection_alive() {
+async fn an_idle_connection_is_pinged_while_silent_and_stays_up() {
+    // The server's keepalive (60 s) says nothing within the test: only our pings do.
+    let srv = start(config()).await;
+    let mut cc = RelayClientConfig::new(plain(srv.http_addr()), NodePrivate::generate());
+    cc.liveness = quick_liveness();
+    let (client, mut events) = RelayClient::spawn(cc);
+    connected(&mut events).await;
+    let r = tokio::time::timeout(Duration::from_secs(3), events.recv()).await;
+    assert!(r.is_err(), "a healthy idle connection was dropped: {r:?}");
+    let pings = client.stats().pings_sent.load(Ordering::Relaxed);
+    let pongs = client.stats().pongs_received.load(Ordering::Relaxed);
+    // One ping per 300 ms of silence (plus a round trip): about ten in 3 s, not more.
+    assert!((5..=11).contains(&pings), "{pings} pings in 3 s");
+    assert!(pongs + 1 >= pings, "{pongs} pongs for {pings} pings");
+}
+
+#[tokio::test]
+async fn a_blackholed_node_is_declared_dead_and_the_regions_next_node_takes_over() {
+    let a = start(config()).await;
+    let b = start(config()).await;
+    let proxy = stall_proxy(a.http_addr()).await;
+    let mut cc = RelayClientConfig::new(plain(proxy.addr), NodePrivate::generate());
+    cc.alternates = vec![plain(b.http_addr())];
+    cc.liveness = quick_liveness();
+    let (rc, mut events) = RelayClient::spawn(cc);
+    assert_eq!(connected(&mut events).await, proxy.addr);
+
+    // Node a's packets are dropped from now on, both ways; its sockets stay open.
+    proxy.set(Flow::Blackhole);
+    let t0 = Instant::now();
+    let (reason, error) = loop {
+        if let RelayEvent::Disconnected { reason, error, .. } = next_event(&mut events).await {
+            break (reason, error);
+        }
+    };
+    let dead_after = t0.elapsed();
+    assert_eq!(reason, DisconnectReason::DeadSilent, "{error}");
+    assert!(
+        dead_after >= Duration::from_millis(300) && dead_after < Duration::from_millis(1500),
+        "declared dead after {dead_after:?}"
+    );
+    // Straight to the next node: not back to the silent one (whose dial would hang).
+    assert_eq!(connected(&mut events).await, b.http_addr());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(rc.stats().pings_sent.load(Ordering::Relaxed) >= 1);
+
+    // And it carries traffic there.
+    let (kb, mut peer) = client(&plain(b.http_addr())).await;
+    rc.send(kb.public(), Bytes::from_static(b"on b"))
+        .await
+        .unwrap();
+    assert_eq!(recv_packet(&mut peer).await.1, Bytes::from_static(b"on b"));
+}
+
+#[tokio::test]
+async fn a_write_that_cannot_complete_is_declared_dead() {
+    let srv = start(config()).await;
+    let proxy = stall_proxy(srv.http_addr()).await;
+    let mut cc = RelayClientConfig::new(plain(proxy.addr), NodePrivate::generate());
+    // Silence alone would take a minute here: only the write deadline can fire.
+    cc.liveness = LivenessConfig {
+        ping_after: Duration::from_secs(60),
+        pong_timeout: Duration::from_secs(60),
+    };
+    cc.write_timeout = Duration::from_millis(500);
+    let (client, mut events) = RelayClient::spawn(cc);
+    connected(&mut events).await;
+
+    // The server side stops reading: the socket buffers fill and the writes block.
+    proxy.set(Flow::StopReading);
+    let dst = NodePrivate::generate().public();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let big = Bytes::from(vec![0u8; 60_000]);
+            loop {
+                if client.send(dst, big.clone()).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let reason = loop {
+        if let RelayEvent::Disconnected { reason, .. } = next_event(&mut events).await {
+            break reason;
+        }
+    };
+    sender.abort();
+    assert_eq!(reason, DisconnectReason::DeadWriteStalled);
+    assert!(t0.elapsed() < WAIT, "took {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn keepalives_keep_a_quiet_connection_alive_without_pings() {
     let mut cfg = config();
     cfg.keepalive = Duration::from_millis(100);
     let srv = start(cfg).await;
     let mut cc = RelayClientConfig::new(plain(srv.http_addr()), NodePrivate::generate());
-    cc.silence_timeout = Duration::from_millis(5_500);
-    let (_client, mut events) = RelayClient::spawn(cc);
+    // Keepalive interval is 100 ms + up to 5 s of jitter, always under 5.5 s of silence.
+    cc.liveness = LivenessConfig {
+        ping_after: Duration::from_millis(5_500),
+        pong_timeout: Duration::from_secs(1),
+    };
+    let (client, mut events) = RelayClient::spawn(cc);
     assert!(matches!(
         next_event(&mut events).await,
         RelayEvent::Connected { .. }
     ));
-    // Keepalive interval is 100 ms + up to 5 s of jitter, always under the 5.5 s limit.
     let r = tokio::time::timeout(Duration::from_secs(8), events.recv()).await;
     assert!(r.is_err(), "connection dropped despite keepalives: {r:?}");
+    assert_eq!(client.stats().pings_sent.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]

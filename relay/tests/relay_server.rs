@@ -249,6 +249,44 @@ async fn meshed_relays_deliver_across_nodes_and_report_peer_gone() {
 }
 
 #[tokio::test]
+async fn a_mesh_peer_that_goes_silent_loses_its_link_and_routes() {
+    let (mut ca, cb) = mesh_pair_configs(Duration::from_millis(200));
+    let b = start(cb).await;
+    // A reaches B through a proxy that can drop everything (B's own link to A is direct).
+    let proxy = stall_proxy(b.http_addr()).await;
+    ca.mesh_with = vec![plain(proxy.addr)];
+    let a = start(ca).await;
+    let (_kx, mut x) = client(&plain(a.http_addr())).await;
+    let (ky, mut y) = client(&plain(b.http_addr())).await;
+    send_until_received(&mut x, &mut y, &ky.public(), b"before").await;
+    assert_eq!(metric(a.http_addr(), "relayd_mesh_links_up").await, 1);
+
+    proxy.set(Flow::Blackhole);
+    let t0 = Instant::now();
+    while metric(a.http_addr(), "relayd_mesh_links_up").await != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "A still trusts the silent mesh link"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("silent mesh link dropped after {:?}", t0.elapsed());
+    // Its routes went with it: a disco packet for Y is now answered NotHere.
+    x.writer
+        .send_packet(&ky.public(), &disco_payload(3))
+        .await
+        .unwrap();
+    let f = recv_matching(&mut x, |f| matches!(f, Frame::PeerGone { .. })).await;
+    assert_eq!(
+        f,
+        Frame::PeerGone {
+            peer: ky.public(),
+            reason: PeerGoneReason::NotHere
+        }
+    );
+}
+
+#[tokio::test]
 async fn broken_mesh_link_is_redialled() {
     let (ca, cb) = mesh_pair_configs(Duration::from_millis(200));
     let b_listen = cb.listen;

@@ -646,6 +646,186 @@ fn home_relay_node_killed_traffic_resumes_on_the_regions_other_node() {
     );
 }
 
+/// Replies of `ping -D` output: (receive time as Unix seconds, sequence number).
+fn timed_replies(ping_output: &str) -> Vec<(f64, u32)> {
+    ping_output
+        .lines()
+        .filter_map(|l| {
+            let ts = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l.split("icmp_seq=").nth(1)?.split_whitespace().next()?;
+            Some((ts, seq.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn home_relay_node_blackholed_traffic_resumes_on_the_regions_other_node() {
+    let lab = lab_or_skip!();
+    // Region 901: two meshed nodes, each 10 ms from the internet; 902 is far.
+    let ha = lab
+        .add_server_with_link("relay901", tests::LinkParams::delay_ms(10))
+        .unwrap();
+    let hb = lab
+        .add_server_with_link("relay901b", tests::LinkParams::delay_ms(10))
+        .unwrap();
+    let names = ["relay901".to_string(), "relay901b".to_string()];
+    let (cert, key) = scenario::write_cert(&lab, "region901", &names).unwrap();
+    let psk = lab.log_dir().join("mesh.key");
+    std::fs::write(&psk, "cd".repeat(32)).unwrap();
+    let mesh = |other: &str, ip: Ipv4Addr| -> Vec<String> {
+        vec![
+            "--mesh-with".into(),
+            format!("{other}/{ip}"),
+            "--mesh-psk-file".into(),
+            psk.display().to_string(),
+            "--mesh-ca-cert".into(),
+            cert.display().to_string(),
+        ]
+    };
+    let relay_a = scenario::start_relayd_with(
+        &lab,
+        &ha,
+        "relay901",
+        &cert,
+        &key,
+        &mesh("relay901b", hb.ip),
+    )
+    .unwrap();
+    let mut relay_b = scenario::start_relayd_with(
+        &lab,
+        &hb,
+        "relay901b",
+        &cert,
+        &key,
+        &mesh("relay901", ha.ip),
+    )
+    .unwrap();
+    let mut near = scenario::Region {
+        id: 901,
+        host: ha.clone(),
+        relayd: relay_a,
+    };
+    for r in [&mut near.relayd, &mut relay_b] {
+        r.wait_for_output("mesh link up", Duration::from_secs(15))
+            .unwrap();
+    }
+    let far = scenario::start_region(&lab, 902, 40).unwrap();
+    let map = scenario::write_relay_map(&lab, &[&near, &far], &[(901, hb.ip)]).unwrap();
+    let control = scenario::start_control(&lab, &map).unwrap();
+    // Hard NATs on both sides: all traffic goes through the relay.
+    let ra = lab.add_router("ra", RouterSpec::hard()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
+    let (h_alice, _h_bob, mut alice, mut bob) = devices(&lab, &control, &ra, &rb);
+    first_ping(&lab, &h_alice, bob.ip, Duration::from_secs(10));
+    for d in [&mut alice, &mut bob] {
+        d.agentd
+            .wait_for_output(
+                &format!("relay connected region=901 addr={}:", ha.ip),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+    }
+    // Relayed traffic through the region's other node, as the internet sees it.
+    let via_b = lab
+        .count_packets(
+            lab.internet(),
+            &format!(
+                "ip saddr {{ {}, {} }} ip daddr {} tcp dport 443",
+                ra.wan_ip, rb.wan_ip, hb.ip
+            ),
+        )
+        .unwrap();
+
+    let mut pings = lab
+        .spawn(
+            &h_alice,
+            "ping",
+            [
+                "-D",
+                "-n",
+                "-i",
+                "0.05",
+                "-w",
+                "22",
+                "-W",
+                "1",
+                &bob.ip.to_string(),
+            ],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // Node a's packets to and from both devices are dropped from now on (no RST, no
+    // FIN); node b stays reachable, and the mesh between the two stays up.
+    let via_b_before = via_b.packets().unwrap();
+    let blackhole_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for wan in [ra.wan_ip, rb.wan_ip] {
+        lab.block_all(lab.internet(), ha.ip, wan).unwrap();
+    }
+    assert!(
+        wait_exit(&mut pings, Duration::from_secs(40)),
+        "ping did not finish"
+    );
+    let text = pings.stdout();
+    let replies = timed_replies(&text);
+    assert!(
+        replies.iter().any(|(t, _)| *t < blackhole_at),
+        "no replies before the blackhole: {text}"
+    );
+    // The outage: the longest stretch without a reply; it must be the blackhole's.
+    let (gap_start, gap_end) = replies
+        .windows(2)
+        .map(|w| (w[0].0, w[1].0))
+        .max_by(|x, y| (x.1 - x.0).total_cmp(&(y.1 - y.0)))
+        .unwrap();
+    let resumed = gap_end - blackhole_at;
+    let last = replies.last().map_or(0.0, |r| r.0);
+    eprintln!(
+        "relayed ping resumed {resumed:.1} s after the blackhole (no reply for {:.1} s; \
+         {} replies, the last {:.1} s after the blackhole)",
+        gap_end - gap_start,
+        replies.len(),
+        last - blackhole_at
+    );
+    assert!(
+        (blackhole_at - 1.0..blackhole_at + 1.0).contains(&gap_start),
+        "the longest gap ({gap_start:.1}..{gap_end:.1}) is not the blackhole's \
+         ({blackhole_at:.1}): {text}"
+    );
+    assert!(
+        resumed <= 12.0,
+        "relayed ping resumed only {resumed:.1} s after the blackhole"
+    );
+    // It kept working to the end, through node b.
+    assert!(last > blackhole_at + 15.0, "traffic stopped again: {text}");
+    let via_b_after = via_b.packets().unwrap() - via_b_before;
+    assert!(
+        via_b_after > 100,
+        "only {via_b_after} relayed packets went to node b"
+    );
+    // The devices say why they moved, and they stayed in the region.
+    for d in [&alice, &bob] {
+        let counters = d.status(&lab).unwrap()["counters"].clone();
+        assert!(
+            counters["relay_dead_silent"].as_u64() >= Some(1),
+            "{}: {counters:#}",
+            d.name
+        );
+        assert!(
+            counters["relay_node_changes"].as_u64() >= Some(1),
+            "{}: {counters:#}",
+            d.name
+        );
+        assert!(
+            !d.agentd.stderr().contains("relay connected region=902"),
+            "{} connected to the far region",
+            d.name
+        );
+    }
+}
+
 #[test]
 fn tunnels_keep_working_while_control_is_down() {
     let lab = lab_or_skip!();

@@ -2,12 +2,16 @@
 //!
 //! `RelayClient` is an actor: a task owns the connection, reconnects with capped,
 //! jittered backoff, answers the server's pings, re-sends NotePreferred after every
-//! reconnect, and declares the connection dead after `silence_timeout` without a frame
-//! (the server sends a keepalive every ~60 s). Callers talk to it through a bounded
-//! channel and receive [`RelayEvent`]s on another; sends that find the queue full, or
-//! no connection, are dropped and counted, never buffered without bound.
+//! reconnect, and watches that the server is still there: after a short silence it sends
+//! a Ping, and a connection whose Ping goes unanswered, or whose write does not complete
+//! in time, is dead (see [`liveness`]). A dead node is not dialled again at once: the
+//! next attempt goes to the region's next node. Callers talk to it through a bounded
+//! channel and receive [`RelayEvent`]s on another (a disconnect says why, as a
+//! [`DisconnectReason`]); sends that find the queue full, or no connection, are dropped
+//! and counted, never buffered without bound.
 
 mod conn;
+pub mod liveness;
 pub mod tls;
 
 pub use conn::{
@@ -17,7 +21,7 @@ pub use conn::{
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,19 +32,23 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::frame::{Frame, PeerGoneReason};
 use crate::handshake::ClientInfo;
+use liveness::{Liveness, LivenessAction, LivenessConfig, WRITE_TIMEOUT};
 
 /// Settings of a [`RelayClient`].
 #[derive(Debug, Clone)]
 pub struct RelayClientConfig {
     pub target: RelayTarget,
-    /// Other nodes of the same region, tried in turn when a connection attempt fails.
+    /// Other nodes of the same region, tried in turn when a connection attempt fails or
+    /// a connection goes silent (see [`DisconnectReason::node_unreachable`]).
     pub alternates: Vec<RelayTarget>,
     pub key: NodePrivate,
     pub info: ClientInfo,
     /// Whether this relay is the home region (sent as NotePreferred after each connect).
     pub preferred: bool,
-    /// No frame for this long means the connection is dead.
-    pub silence_timeout: Duration,
+    /// When to Ping a silent server, and how long to wait for an answer.
+    pub liveness: LivenessConfig,
+    /// A write that has not completed in this long means the connection is dead.
+    pub write_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// Depth of the outgoing packet queue.
@@ -57,7 +65,8 @@ impl RelayClientConfig {
             key,
             info: ClientInfo::regular(),
             preferred: false,
-            silence_timeout: Duration::from_secs(120),
+            liveness: LivenessConfig::default(),
+            write_timeout: WRITE_TIMEOUT,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             send_queue: 32,
@@ -91,10 +100,86 @@ pub enum RelayEvent {
     Health {
         problem: String,
     },
+    /// The connection ended, or the attempt to make one failed.
     Disconnected {
+        reason: DisconnectReason,
         error: String,
         retry_in: Duration,
     },
+}
+
+/// Why a connection ended (or was never made): what a [`RelayEvent::Disconnected`]
+/// counts under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DisconnectReason {
+    /// Dialling, TLS, the upgrade or the handshake failed.
+    ConnectFailed,
+    /// Nothing heard from the server, and no answer to a Ping, within the deadlines:
+    /// the node is unreachable (blackholed) though the connection never closed.
+    DeadSilent,
+    /// A write did not complete within the write deadline.
+    DeadWriteStalled,
+    /// The server said it is restarting.
+    ServerRestarting,
+    /// The connection closed or failed (EOF, reset, a malformed frame).
+    Closed,
+}
+
+impl DisconnectReason {
+    /// Every reason, for counters that list each one even at zero.
+    pub const ALL: [DisconnectReason; 5] = [
+        DisconnectReason::ConnectFailed,
+        DisconnectReason::DeadSilent,
+        DisconnectReason::DeadWriteStalled,
+        DisconnectReason::ServerRestarting,
+        DisconnectReason::Closed,
+    ];
+
+    /// A short name for counters and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ConnectFailed => "connect_failed",
+            DisconnectReason::DeadSilent => "dead_silent",
+            DisconnectReason::DeadWriteStalled => "dead_write_stalled",
+            DisconnectReason::ServerRestarting => "server_restarting",
+            DisconnectReason::Closed => "closed",
+        }
+    }
+
+    /// Whether the node itself is likely unreachable, so the next attempt should go to
+    /// the region's next node rather than this one. A node that closed the connection
+    /// (or is restarting) is alive and is tried again first; if it then refuses, that
+    /// attempt's failure moves on.
+    pub fn node_unreachable(self) -> bool {
+        matches!(
+            self,
+            DisconnectReason::ConnectFailed
+                | DisconnectReason::DeadSilent
+                | DisconnectReason::DeadWriteStalled
+        )
+    }
+}
+
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+struct Lost {
+    reason: DisconnectReason,
+    error: String,
+}
+
+impl Lost {
+    fn new(reason: DisconnectReason, error: impl Into<String>) -> Self {
+        Lost {
+            reason,
+            error: error.into(),
+        }
+    }
 }
 
 /// Counters of a [`RelayClient`].
@@ -108,6 +193,9 @@ pub struct RelayClientStats {
     /// Sends dropped because there was no connection when they were dequeued.
     pub dropped_not_connected: AtomicU64,
     pub pings_answered: AtomicU64,
+    /// Liveness Pings sent to a silent server, and Pongs that answered one.
+    pub pings_sent: AtomicU64,
+    pub pongs_received: AtomicU64,
 }
 
 enum Command {
@@ -207,7 +295,7 @@ async fn run(
     let mut current = 0usize;
     loop {
         let target = &targets[current % targets.len()];
-        let error = match connect(target, &config.key, &config.info).await {
+        let lost = match connect(target, &config.key, &config.info).await {
             Ok(conn) => {
                 backoff.reset();
                 stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -224,20 +312,21 @@ async fn run(
                 }
                 match serve(conn, &mut config, &mut cmds, &events, &stats).await {
                     Ok(()) => return,
-                    Err(e) => e,
+                    Err(lost) => lost,
                 }
             }
-            Err(e) => {
-                // This node does not answer: the next attempt goes to the region's next.
-                current = (current + 1) % targets.len();
-                e.to_string()
-            }
+            Err(e) => Lost::new(DisconnectReason::ConnectFailed, e.to_string()),
         };
+        if lost.reason.node_unreachable() {
+            // This node does not answer: the next attempt goes to the region's next.
+            current = (current + 1) % targets.len();
+        }
         let delay = backoff.next_delay(rand::thread_rng().gen());
-        tracing::info!(relay = %target.host, error = %error, retry_in = ?delay, "relay connection lost");
+        tracing::info!(relay = %target.host, reason = %lost.reason, error = %lost.error, retry_in = ?delay, "relay connection lost");
         if events
             .send(RelayEvent::Disconnected {
-                error,
+                reason: lost.reason,
+                error: lost.error,
                 retry_in: delay,
             })
             .await
@@ -262,6 +351,23 @@ async fn run(
     }
 }
 
+/// Now, as the liveness state machine takes it (tokio's clock, so tests can pause it).
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Writes everything queued, within the write deadline.
+async fn flush_within(writer: &mut RelayWriter, deadline: Duration) -> Result<(), Lost> {
+    match tokio::time::timeout(deadline, writer.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Lost::new(DisconnectReason::Closed, e.to_string())),
+        Err(_) => Err(Lost::new(
+            DisconnectReason::DeadWriteStalled,
+            format!("a write to the relay did not complete within {deadline:?}"),
+        )),
+    }
+}
+
 /// Runs one connection until it fails (`Err`) or every handle is dropped (`Ok`).
 async fn serve(
     conn: RelayConn,
@@ -269,7 +375,7 @@ async fn serve(
     cmds: &mut mpsc::Receiver<Command>,
     events: &mpsc::Sender<RelayEvent>,
     stats: &RelayClientStats,
-) -> Result<(), String> {
+) -> Result<(), Lost> {
     let RelayConn {
         mut reader,
         mut writer,
@@ -277,14 +383,30 @@ async fn serve(
     } = conn;
     // A single pending pong is enough: excess pings are ignored, as the server does.
     let (pong_tx, mut pong_rx) = mpsc::channel::<[u8; 8]>(1);
-    let silence = config.silence_timeout;
+    // Our own liveness pings, from the watchdog to the writer (one at a time).
+    let (ping_tx, mut ping_rx) = mpsc::channel::<[u8; 8]>(1);
+    // Shared by the reader (which notes frames) and the watchdog (which acts on
+    // silence); never locked across an await.
+    let liveness = Mutex::new(Liveness::new(config.liveness, now()));
+    let lock = || liveness.lock().unwrap_or_else(|p| p.into_inner());
+    let write_timeout = config.write_timeout;
+    // Set while the reader waits for room in the event queue: frames may be waiting
+    // unread then, and that silence is ours, not the server's.
+    let delivering = std::sync::atomic::AtomicBool::new(false);
     let read_side = async {
         loop {
-            let frame = match tokio::time::timeout(silence, reader.recv()).await {
-                Err(_) => return Err(format!("no frame from the relay for {silence:?}")),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Ok(Ok(f)) => f,
-            };
+            let frame = reader
+                .recv()
+                .await
+                .map_err(|e| Lost::new(DisconnectReason::Closed, e.to_string()))?;
+            if let Frame::Pong { data } = frame {
+                if let Some(rtt) = lock().on_pong(data, now()) {
+                    stats.pongs_received.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(?rtt, "relay answered our ping");
+                }
+                continue;
+            }
+            lock().on_frame(now());
             let event = match frame {
                 Frame::RecvPacket { src, payload } => {
                     stats.packets_received.fetch_add(1, Ordering::Relaxed);
@@ -302,23 +424,54 @@ async fn serve(
                 Frame::Restarting {
                     reconnect_in_ms, ..
                 } => {
-                    return Err(format!(
-                        "relay is restarting (asked to reconnect in {reconnect_in_ms} ms)"
+                    return Err(Lost::new(
+                        DisconnectReason::ServerRestarting,
+                        format!("relay is restarting (asked to reconnect in {reconnect_in_ms} ms)"),
                     ))
                 }
                 _ => continue,
             };
-            if events.send(event).await.is_err() {
+            delivering.store(true, Ordering::Relaxed);
+            let sent = events.send(event).await;
+            delivering.store(false, Ordering::Relaxed);
+            if sent.is_err() {
                 return Ok(());
+            }
+        }
+    };
+    let watchdog = async {
+        loop {
+            let Some(at) = lock().poll_timeout() else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            if delivering.load(Ordering::Relaxed) {
+                lock().on_frame(now());
+            }
+            let action = lock().handle_timeout(now());
+            match action {
+                Some(LivenessAction::SendPing(data)) => {
+                    stats.pings_sent.fetch_add(1, Ordering::Relaxed);
+                    // A full slot means the writer is stuck on an earlier one; the
+                    // deadline runs from now all the same.
+                    let _ = ping_tx.try_send(data);
+                }
+                Some(LivenessAction::Dead { silent_for }) => {
+                    return Err::<(), _>(Lost::new(
+                        DisconnectReason::DeadSilent,
+                        format!(
+                            "nothing from the relay for {silent_for:?}, not even an answer to a ping"
+                        ),
+                    ));
+                }
+                None => {}
             }
         }
     };
     let write_side = async {
         if config.preferred {
-            writer
-                .send(&Frame::NotePreferred { preferred: true })
-                .await
-                .map_err(|e| e.to_string())?;
+            writer.queue(&Frame::NotePreferred { preferred: true });
+            flush_within(&mut writer, write_timeout).await?;
         }
         loop {
             tokio::select! {
@@ -350,12 +503,16 @@ async fn serve(
                     stats.pings_answered.fetch_add(1, Ordering::Relaxed);
                     writer.queue(&Frame::Pong { data });
                 }
+                Some(data) = ping_rx.recv() => {
+                    writer.queue(&Frame::Ping { data });
+                }
             }
-            writer.flush().await.map_err(|e| e.to_string())?;
+            flush_within(&mut writer, write_timeout).await?;
         }
     };
     tokio::select! {
         r = read_side => r,
+        r = watchdog => r,
         r = write_side => r,
     }
 }

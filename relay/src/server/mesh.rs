@@ -2,7 +2,10 @@
 //! with this server's own key and the mesh PSK, watches that relay's connections
 //! (WatchConns → PeerPresent / PeerGone) and carries ForwardPacket frames to it. A packet
 //! for a client of another node therefore takes exactly one mesh hop. A broken link's
-//! routes are forgotten at once and the link is re-dialled after `mesh_retry`.
+//! routes are forgotten at once and the link is re-dialled after `mesh_retry`. A link
+//! whose peer goes silent (blackholed, no FIN or RST) is found out as a client's
+//! connection is: a Ping after a short silence, dead without an answer (see
+//! `client::liveness`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -14,6 +17,7 @@ use tokio::sync::Notify;
 
 use super::metrics::{DropReason, Metrics};
 use super::Shared;
+use crate::client::liveness::{Liveness, LivenessAction, LivenessConfig};
 use crate::client::{connect, RelayConn, RelayTarget};
 use crate::frame::{Frame, PROTOCOL_VERSION};
 use crate::handshake::ClientInfo;
@@ -27,6 +31,8 @@ const MESH_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5
 struct Pending {
     packets: VecDeque<(NodePublic, NodePublic, Bytes)>,
     pong: Option<[u8; 8]>,
+    /// Our own liveness ping, when the peer has been silent.
+    ping: Option<[u8; 8]>,
 }
 
 /// The sending side of one mesh link, shared by every route learned from it.
@@ -65,6 +71,11 @@ impl MeshForwarder {
 
     fn set_pong(&self, data: [u8; 8]) {
         self.lock().pong = Some(data);
+        self.notify.notify_one();
+    }
+
+    fn set_ping(&self, data: [u8; 8]) {
+        self.lock().ping = Some(data);
         self.notify.notify_one();
     }
 
@@ -129,9 +140,16 @@ async fn serve_link(shared: &Arc<Shared>, fwd: &Arc<MeshForwarder>, conn: RelayC
         return e.to_string();
     }
     let m = &shared.metrics;
+    let now = || tokio::time::Instant::now().into_std();
+    let liveness = std::sync::Mutex::new(Liveness::new(LivenessConfig::default(), now()));
+    let lock = || liveness.lock().unwrap_or_else(|p| p.into_inner());
     let read_side = async {
         loop {
-            match reader.recv().await {
+            let frame = reader.recv().await;
+            if frame.is_ok() {
+                lock().on_frame(now());
+            }
+            match frame {
                 Err(e) => return e.to_string(),
                 Ok(Frame::PeerPresent { peer, .. }) if peer != shared.public => {
                     shared.routes().add_mesh_route(peer, fwd);
@@ -144,15 +162,36 @@ async fn serve_link(shared: &Arc<Shared>, fwd: &Arc<MeshForwarder>, conn: RelayC
             }
         }
     };
+    let watchdog = async {
+        loop {
+            let Some(at) = lock().poll_timeout() else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            let action = lock().handle_timeout(now());
+            match action {
+                Some(LivenessAction::SendPing(data)) => fwd.set_ping(data),
+                Some(LivenessAction::Dead { silent_for }) => {
+                    return format!(
+                        "nothing from the mesh peer for {silent_for:?}, not even an answer to a ping"
+                    );
+                }
+                None => {}
+            }
+        }
+    };
     let write_side = async {
         loop {
             fwd.notify.notified().await;
-            let (packets, pong) = {
+            let (packets, pong, ping) = {
                 let mut p = fwd.lock();
-                (std::mem::take(&mut p.packets), p.pong.take())
+                (std::mem::take(&mut p.packets), p.pong.take(), p.ping.take())
             };
             if let Some(data) = pong {
                 writer.queue(&Frame::Pong { data });
+            }
+            if let Some(data) = ping {
+                writer.queue(&Frame::Ping { data });
             }
             let n = packets.len() as u64;
             for (src, dst, payload) in packets {
@@ -169,6 +208,7 @@ async fn serve_link(shared: &Arc<Shared>, fwd: &Arc<MeshForwarder>, conn: RelayC
     };
     tokio::select! {
         why = read_side => why,
+        why = watchdog => why,
         why = write_side => why,
     }
 }

@@ -334,3 +334,90 @@ pub fn write_cert_files(
     std::fs::write(&k, pem("PRIVATE KEY", cert.key.secret_der())).unwrap();
     (c, k)
 }
+
+/// What a [`StallProxy`] lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Everything, both ways.
+    Open,
+    /// Nothing, either way; every socket stays open (a node whose packets are dropped,
+    /// as a client sees it: no FIN, no RST, no answer).
+    Blackhole,
+    /// The server's bytes still reach the client, but the client's are no longer read
+    /// (a server that stops reading: the client's writes back up and block).
+    StopReading,
+}
+
+/// A TCP proxy in front of a relay that can be switched to a [`Flow`] at any time.
+pub struct StallProxy {
+    pub addr: SocketAddr,
+    flow: tokio::sync::watch::Sender<Flow>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StallProxy {
+    pub fn set(&self, flow: Flow) {
+        self.flow.send_replace(flow);
+    }
+}
+
+/// Copies `from` to `to` while `flow` lets this direction through; otherwise holds both
+/// sockets open and moves nothing.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut flow: tokio::sync::watch::Receiver<Flow>,
+    passes: fn(Flow) -> bool,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if !passes(*flow.borrow_and_update()) {
+            if flow.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            n = from.read(&mut buf) => {
+                let n = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                // Bytes read just as the flow stopped are dropped, like packets.
+                if passes(*flow.borrow()) && to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            r = flow.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// A [`StallProxy`] to `upstream`, open at first.
+pub async fn stall_proxy(upstream: SocketAddr) -> StallProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (flow, rx) = tokio::sync::watch::channel(Flow::Open);
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            conns.spawn(pipe(cr, sw, rx.clone(), |f| f == Flow::Open));
+            conns.spawn(pipe(sr, cw, rx.clone(), |f| f != Flow::Blackhole));
+        }
+    });
+    StallProxy { addr, flow, task }
+}
