@@ -437,6 +437,146 @@ async fn upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    /// A server that answers every connection's request head with `answer` (nothing at
+    /// all when empty) and then holds the socket open until the test ends.
+    async fn holding_server(
+        answer: Vec<u8>,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                if !answer.is_empty() {
+                    let _ = s.write_all(&answer).await;
+                }
+                held.push(s);
+            }
+        });
+        (addr, task)
+    }
+
+    fn short() -> Deadlines {
+        Deadlines {
+            tcp_connect: Duration::from_millis(300),
+            tls: Duration::from_millis(300),
+            fetch_key: Duration::from_millis(300),
+            upgrade: Duration::from_millis(300),
+            ..Deadlines::default()
+        }
+    }
+
+    fn key_json() -> (MachinePublic, String) {
+        let k = MachinePrivate::generate().public();
+        (k, format!(r#"{{"legacyPublicKey":"","publicKey":"{k}"}}"#))
+    }
+
+    #[tokio::test]
+    async fn a_key_answer_is_read_to_its_length_or_last_chunk_without_waiting_for_close() {
+        let (key, json) = key_json();
+        let by_length = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{json}",
+            json.len()
+        );
+        let (a, b) = json.split_at(10);
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};e=1\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        );
+        for answer in [by_length, chunked] {
+            let (addr, _srv) = holding_server(answer.into_bytes()).await;
+            let url: ControlUrl = format!("http://{addr}").parse().unwrap();
+            let got = fetch_control_key_with(&url, 113, &short()).await.unwrap();
+            assert_eq!(got, key);
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_chunk_sizes_in_the_key_answer_are_errors_not_panics() {
+        let (_, json) = key_json();
+        for size in ["ffffffffffffffff", "10000000000000000", "zz", "-1", "20000"] {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\n{json}\r\n0\r\n\r\n"
+            );
+            let (addr, _srv) = holding_server(answer.into_bytes()).await;
+            let url: ControlUrl = format!("http://{addr}").parse().unwrap();
+            let err = fetch_control_key_with(&url, 113, &short())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, DialError::BadKey(why) if why.contains("chunk")),
+                "{size}: {err}"
+            );
+        }
+        // An oversized Content-Length is refused before any body is awaited.
+        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\n";
+        let (addr, _srv) = holding_server(answer.into()).await;
+        let url: ControlUrl = format!("http://{addr}").parse().unwrap();
+        let err = fetch_control_key_with(&url, 113, &short())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DialError::BadKey(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_naming_the_step() {
+        let (addr, _srv) = holding_server(Vec::new()).await;
+        let d = short();
+        let url: ControlUrl = format!("http://{addr}").parse().unwrap();
+        let err = fetch_control_key_with(&url, 113, &d).await.unwrap_err();
+        assert_eq!(
+            err.timed_out(),
+            Some(&TimedOut {
+                step: Step::FetchKey,
+                after: d.fetch_key
+            }),
+            "{err}"
+        );
+        let key = MachinePrivate::generate().public();
+        let err = dial_with(&url, &MachinePrivate::generate(), &key, 113, &d)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.timed_out().map(|t| t.step),
+            Some(Step::Upgrade),
+            "{err}"
+        );
+        // The same listener as https://: nothing answers the TLS ClientHello.
+        let url: ControlUrl = format!("https://{addr}").parse().unwrap();
+        let err = fetch_control_key_with(&url, 113, &d).await.unwrap_err();
+        assert_eq!(err.timed_out().map(|t| t.step), Some(Step::Tls), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_server_stalling_after_the_101_times_out_in_the_upgrade() {
+        let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n\x02\x00";
+        let (addr, _srv) = holding_server(answer.into()).await;
+        let url: ControlUrl = format!("http://{addr}").parse().unwrap();
+        let key = MachinePrivate::generate().public();
+        let err = dial_with(&url, &MachinePrivate::generate(), &key, 113, &short())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.timed_out().map(|t| t.step),
+            Some(Step::Upgrade),
+            "{err}"
+        );
+    }
 
     #[test]
     fn control_urls() {
