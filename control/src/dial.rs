@@ -563,6 +563,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_listener_whose_accept_queue_is_full_times_out_the_tcp_connect() {
+        // Never accepting with a backlog of 1: once the queue is full the kernel drops
+        // further SYNs, so a connect hangs as it would towards a black-holed server.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(1).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut queued = Vec::new();
+        let full = loop {
+            match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => queued.push(s),
+                Ok(Err(e)) => panic!("connect failed: {e}"),
+                Err(_) => break true,
+            }
+            if queued.len() > 64 {
+                break false;
+            }
+        };
+        assert!(full, "the accept queue never filled");
+        let url: ControlUrl = format!("http://{addr}").parse().unwrap();
+        let d = short();
+        let err = fetch_control_key_with(&url, 113, &d).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "connecting to the control server (TCP): timed out after 300 ms"
+        );
+    }
+
+    #[tokio::test]
     async fn a_server_stalling_after_the_101_times_out_in_the_upgrade() {
         let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n\x02\x00";
         let (addr, _srv) = holding_server(answer.into()).await;

@@ -439,3 +439,41 @@ async fn session_once(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lite_retries_back_off_by_doubling_up_to_the_cap() {
+        let waits: Vec<u64> = (0..9).map(|f| lite_retry_delay(f).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(lite_retry_delay(u32::MAX), LITE_RETRY_MAX);
+    }
+
+    #[test]
+    fn errors_name_their_step_once() {
+        let t = TimedOut {
+            step: Step::Register,
+            after: Duration::from_secs(30),
+        };
+        let e = ClientError::TimedOut(t);
+        assert_eq!(
+            client_error(Step::Register, &e),
+            "registering: timed out after 30 s"
+        );
+        let e = ClientError::Dial(crate::dial::DialError::TimedOut(TimedOut {
+            step: Step::TcpConnect,
+            after: Duration::from_secs(10),
+        }));
+        assert_eq!(
+            client_error(Step::Upgrade, &e),
+            "connecting to the control server (TCP): timed out after 10 s"
+        );
+        let e = ClientError::Silent(Duration::from_secs(120));
+        assert_eq!(
+            client_error(Step::MapStart, &e),
+            "starting the map poll: no map message from the control server for 120s"
+        );
+    }
+}
