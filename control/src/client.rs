@@ -1,5 +1,6 @@
 //! The control client: HTTP/2 (prior knowledge) over a ts2021 connection, and the
 //! requests agentd makes on it. Bodies are JSON; responses are read up to 1 MiB.
+//! Every request has a deadline ([`Deadlines`]); the map stream has its watchdog.
 
 use bytes::{Bytes, BytesMut};
 use proto::tailcfg::{RegisterRequest, RegisterResponse};
@@ -10,11 +11,11 @@ use serde::Serialize;
 use proto::tailcfg::{MapRequest, MapResponse};
 use tokio::sync::mpsc;
 
-use crate::dial::{dial, ControlUrl, DialError};
+use crate::deadline::{Deadlines, Step, TimedOut};
+use crate::dial::{dial_with, ControlUrl, DialError};
 use crate::mapframe;
 
-/// A map stream with no message (keep-alives included) for this long is dead.
-pub const MAP_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(120);
+pub use crate::defaults::MAP_WATCHDOG;
 
 /// Largest response body read.
 const MAX_BODY: usize = 1 << 20;
@@ -38,6 +39,19 @@ pub enum ClientError {
     Silent(std::time::Duration),
     #[error("control server's answer to {path} is not valid: {why}")]
     BadBody { path: String, why: String },
+    #[error(transparent)]
+    TimedOut(#[from] TimedOut),
+}
+
+impl ClientError {
+    /// The deadline this error is about, if it is a timeout (of this client or of dialing).
+    pub fn timed_out(&self) -> Option<&TimedOut> {
+        match self {
+            ClientError::TimedOut(t) => Some(t),
+            ClientError::Dial(d) => d.timed_out(),
+            _ => None,
+        }
+    }
 }
 
 /// An HTTP/2 session with a control server over ts2021.
@@ -45,6 +59,7 @@ pub enum ClientError {
 pub struct ControlClient {
     h2: h2::client::SendRequest<Bytes>,
     authority: String,
+    deadlines: Deadlines,
     /// The server's early payload (JSON), if any.
     pub early_payload: Option<Vec<u8>>,
 }
@@ -58,8 +73,22 @@ impl ControlClient {
         control_key: &MachinePublic,
         version: u16,
     ) -> Result<Self, ClientError> {
-        let conn = dial(url, machine, control_key, version).await?;
-        let (h2, connection) = h2::client::handshake(conn.stream).await?;
+        Self::connect_with(url, machine, control_key, version, Deadlines::default()).await
+    }
+
+    /// [`ControlClient::connect`] with `deadlines` for dialing and for every request made
+    /// on the client.
+    pub async fn connect_with(
+        url: &ControlUrl,
+        machine: &MachinePrivate,
+        control_key: &MachinePublic,
+        version: u16,
+        deadlines: Deadlines,
+    ) -> Result<Self, ClientError> {
+        let conn = dial_with(url, machine, control_key, version, &deadlines).await?;
+        let (h2, connection) = deadlines
+            .run(Step::Upgrade, h2::client::handshake(conn.stream))
+            .await??;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "control HTTP/2 connection ended");
@@ -68,6 +97,7 @@ impl ControlClient {
         Ok(ControlClient {
             h2,
             authority: url.authority(),
+            deadlines,
             early_payload: conn.early_payload,
         })
     }
@@ -79,7 +109,19 @@ impl ControlClient {
         body: &T,
         node_key: Option<&NodePublic>,
     ) -> Result<R, ClientError> {
-        let bytes = self.post(path, body, node_key).await?;
+        self.post_json_as(Step::Register, path, body, node_key)
+            .await
+    }
+
+    /// [`ControlClient::post_json`] under the deadline of `step`.
+    async fn post_json_as<T: Serialize, R: DeserializeOwned>(
+        &self,
+        step: Step,
+        path: &str,
+        body: &T,
+        node_key: Option<&NodePublic>,
+    ) -> Result<R, ClientError> {
+        let bytes = self.post_as(step, path, body, node_key).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::BadBody {
             path: path.to_string(),
             why: e.to_string(),
@@ -110,8 +152,31 @@ impl ControlClient {
         Ok((response.status().as_u16(), response.into_body()))
     }
 
-    /// POSTs `body` as JSON to `path`; returns the raw 200 answer.
+    /// POSTs `body` as JSON to `path`; returns the raw 200 answer. The whole exchange has
+    /// the deadline of a register request.
     pub async fn post<T: Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+        node_key: Option<&NodePublic>,
+    ) -> Result<Bytes, ClientError> {
+        self.post_as(Step::Register, path, body, node_key).await
+    }
+
+    /// [`ControlClient::post`] with the deadline of `step` on the whole exchange.
+    async fn post_as<T: Serialize>(
+        &self,
+        step: Step,
+        path: &str,
+        body: &T,
+        node_key: Option<&NodePublic>,
+    ) -> Result<Bytes, ClientError> {
+        self.deadlines
+            .run(step, self.post_unbounded(path, body, node_key))
+            .await?
+    }
+
+    async fn post_unbounded<T: Serialize>(
         &self,
         path: &str,
         body: &T,
@@ -142,11 +207,16 @@ impl ControlClient {
 
     /// Starts a streaming map poll (`req.stream` should be true). Messages arrive in order
     /// on the returned stream; it ends with an error when the server goes silent for
-    /// [`MAP_WATCHDOG`] or the connection breaks.
+    /// [`MAP_WATCHDOG`] or the connection breaks. The answer's head (and a refusal's body)
+    /// must arrive within [`Deadlines::map_start`]; waiting for the first message under
+    /// the same deadline is the caller's part (see the session).
     pub async fn map_stream(&self, req: &MapRequest) -> Result<MapStream, ClientError> {
         const PATH: &str = "/machine/map";
-        let (status, mut body) = self.send(PATH, req, Some(&req.node_key)).await?;
-        if status != 200 {
+        let start = self.deadlines.run(Step::MapStart, async {
+            let (status, mut body) = self.send(PATH, req, Some(&req.node_key)).await?;
+            if status == 200 {
+                return Ok(body);
+            }
             let mut out = Vec::new();
             while let Some(Ok(chunk)) = body.data().await {
                 out.extend_from_slice(&chunk);
@@ -154,12 +224,13 @@ impl ControlClient {
                     break;
                 }
             }
-            return Err(ClientError::Status {
+            Err(ClientError::Status {
                 path: PATH.into(),
                 status,
                 body: String::from_utf8_lossy(&out).chars().take(300).collect(),
-            });
-        }
+            })
+        });
+        let mut body = start.await??;
         let zstd = req.compress == "zstd";
         let (tx, rx) = mpsc::channel(16);
         let task = tokio::spawn(async move {
@@ -219,19 +290,26 @@ impl ControlClient {
     }
 
     /// A non-streaming "lite" map request that only updates the server's view of this
-    /// node (endpoints, home region, disco key): `Stream: false, OmitPeers: true`.
+    /// node (endpoints, home region, disco key): `Stream: false, OmitPeers: true`. Under
+    /// [`Deadlines::lite_update`].
     pub async fn lite_update(&self, req: &MapRequest) -> Result<(), ClientError> {
         let mut req = req.clone();
         req.stream = false;
         req.omit_peers = true;
-        self.post("/machine/map", &req, Some(&req.node_key))
+        self.post_as(Step::LiteUpdate, "/machine/map", &req, Some(&req.node_key))
             .await
             .map(|_| ())
     }
 
-    /// `POST /machine/register`.
+    /// `POST /machine/register`, under [`Deadlines::register`], or for a `Followup` (which
+    /// the server holds until a person has logged in) [`Deadlines::login_wait`].
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
-        self.post_json("/machine/register", req, Some(&req.node_key))
+        let step = if req.followup.is_empty() {
+            Step::Register
+        } else {
+            Step::LoginWait
+        };
+        self.post_json_as(step, "/machine/register", req, Some(&req.node_key))
             .await
     }
 }

@@ -5,7 +5,10 @@
 //! bytes out) so they can be tested against known vectors and fuzzed. The control client
 //! and controld (feature `server`) build on them.
 
+pub mod chunked;
 pub mod client;
+pub mod deadline;
+pub mod defaults;
 pub mod dial;
 pub mod mapframe;
 pub mod noise;

@@ -2,8 +2,16 @@
 //! merged [`NetMap`] on a watch channel, push endpoint changes with lite requests, and on
 //! any failure reconnect with capped, jittered backoff. The auth key is only needed until
 //! the first successful registration; after that the machine key identifies the node.
+//!
+//! Every step has a deadline ([`Deadlines`]), so a server that accepts and then says
+//! nothing turns into [`SessionState::Retrying`] naming the step, and a redial. Lite
+//! updates run beside the map stream (one at a time, latest value wins), so waiting for
+//! one never stops the session from reading the map or noticing that it went silent.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use proto::netmap::NetMap;
@@ -12,8 +20,10 @@ use proto::{DiscoPublic, MachinePrivate, NodePrivate};
 use rand::Rng as _;
 use tokio::sync::{mpsc, watch};
 
-use crate::client::ControlClient;
-use crate::dial::{fetch_control_key, ControlUrl};
+use crate::client::{ClientError, ControlClient};
+use crate::deadline::{Deadlines, Step, TimedOut};
+use crate::defaults::{LITE_RETRY_MAX, LITE_RETRY_MIN};
+use crate::dial::{fetch_control_key_with, ControlUrl};
 
 /// Settings of a [`ControlSession`]. Its `Debug` form leaves out the pre-auth key.
 #[derive(Clone)]
@@ -101,11 +111,17 @@ impl Drop for ControlSession {
 }
 
 impl ControlSession {
+    /// Starts the session with the default deadlines ([`crate::defaults`]).
     pub fn spawn(config: SessionConfig) -> ControlSession {
+        Self::spawn_with_deadlines(config, Deadlines::default())
+    }
+
+    /// Starts the session with `deadlines` for its steps (tests shorten them).
+    pub fn spawn_with_deadlines(config: SessionConfig, deadlines: Deadlines) -> ControlSession {
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let (nm_tx, nm_rx) = watch::channel(None);
         let (st_tx, st_rx) = watch::channel(SessionState::Connecting);
-        let task = tokio::spawn(run(config, cmd_rx, nm_tx, st_tx));
+        let task = tokio::spawn(run(config, deadlines, cmd_rx, nm_tx, st_tx));
         ControlSession {
             cmds: cmd_tx,
             netmap: nm_rx,
@@ -152,6 +168,7 @@ impl ControlSession {
 
 async fn run(
     mut cfg: SessionConfig,
+    deadlines: Deadlines,
     mut cmds: mpsc::Receiver<Cmd>,
     netmap: watch::Sender<Option<Arc<NetMap>>>,
     state: watch::Sender<SessionState>,
@@ -159,7 +176,7 @@ async fn run(
     let mut failures = 0u32;
     loop {
         state.send_replace(SessionState::Connecting);
-        let outcome = session_once(&mut cfg, &mut cmds, &netmap, &state).await;
+        let outcome = session_once(&mut cfg, &deadlines, &mut cmds, &netmap, &state).await;
         let refused = match outcome {
             Outcome::Stopped => return,
             Outcome::Refused(reason) => {
@@ -227,8 +244,50 @@ fn map_request(cfg: &SessionConfig) -> MapRequest {
     }
 }
 
+/// What a failed step becomes in [`SessionState::Retrying`]: a timeout already names its
+/// step ("fetching the control key: timed out after 10 s"); any other error is prefixed
+/// with the step it ended.
+fn step_error(step: Step, e: &dyn std::fmt::Display, timed_out: Option<&TimedOut>) -> String {
+    match timed_out {
+        Some(t) => t.to_string(),
+        None => format!("{step}: {e}"),
+    }
+}
+
+fn client_error(step: Step, e: &ClientError) -> String {
+    step_error(step, e, e.timed_out())
+}
+
+/// A lite update in flight: at most one at a time.
+type LiteUpdate = Pin<Box<dyn Future<Output = Result<(), ClientError>> + Send>>;
+
+/// Waits for the lite update in flight; never ready when there is none.
+async fn lite_done(lite: &mut Option<LiteUpdate>) -> Result<(), ClientError> {
+    std::future::poll_fn(|cx| match lite.as_mut() {
+        Some(f) => f.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+    .await
+}
+
+/// Sleeps until `at`; forever when `at` is `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wait before resending a lite update after `failures` failures in a row.
+fn lite_retry_delay(failures: u32) -> Duration {
+    LITE_RETRY_MIN
+        .saturating_mul(1 << failures.min(16))
+        .min(LITE_RETRY_MAX)
+}
+
 async fn session_once(
     cfg: &mut SessionConfig,
+    deadlines: &Deadlines,
     cmds: &mut mpsc::Receiver<Cmd>,
     netmap: &watch::Sender<Option<Arc<NetMap>>>,
     state: &watch::Sender<SessionState>,
@@ -237,15 +296,22 @@ async fn session_once(
         error: e,
         was_connected: false,
     };
-    let control_key = match fetch_control_key(&cfg.url, cfg.version).await {
+    let control_key = match fetch_control_key_with(&cfg.url, cfg.version, deadlines).await {
         Ok(k) => k,
-        Err(e) => return failed(e.to_string()),
+        Err(e) => return failed(step_error(Step::FetchKey, &e, e.timed_out())),
     };
-    let client =
-        match ControlClient::connect(&cfg.url, &cfg.machine, &control_key, cfg.version).await {
-            Ok(c) => c,
-            Err(e) => return failed(e.to_string()),
-        };
+    let client = match ControlClient::connect_with(
+        &cfg.url,
+        &cfg.machine,
+        &control_key,
+        cfg.version,
+        *deadlines,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return failed(client_error(Step::Upgrade, &e)),
+    };
     let reg = RegisterRequest {
         version: u32::from(cfg.version),
         node_key: cfg.node.public(),
@@ -279,7 +345,7 @@ async fn session_once(
                     // Not approved yet and the server let go of the request: ask again,
                     // but never in a tight loop.
                     Ok(_) => tokio::time::sleep(FOLLOWUP_RETRY).await,
-                    Err(e) => return failed(e.to_string()),
+                    Err(e) => return failed(client_error(Step::LoginWait, &e)),
                 }
             }
         }
@@ -290,15 +356,39 @@ async fn session_once(
                 r.error
             })
         }
-        Err(e) => return failed(e.to_string()),
+        Err(e) => return failed(client_error(Step::Register, &e)),
     }
+    // The map poll has started once its first message is in: the answer's head and that
+    // message share one deadline.
+    let first_message_by = tokio::time::Instant::now() + deadlines.map_start;
     let mut stream = match client.map_stream(&map_request(cfg)).await {
         Ok(s) => s,
-        Err(e) => return failed(e.to_string()),
+        Err(e) => return failed(client_error(Step::MapStart, &e)),
     };
     let mut nm = NetMap::default();
     let mut connected = false;
+    // Lite updates run beside the map stream, never in its way: one in flight at most;
+    // commands that arrive meanwhile only change `cfg`, and the next update carries
+    // whatever is latest.
+    //
+    // A lite update that fails or times out is logged and sent again after a backoff, on
+    // the same connection; it never ends the session by itself. The map stream is this
+    // connection's health check: while its messages (keep-alives included) arrive, the
+    // connection and the server are alive, and a redial would only repeat the same values
+    // in its streaming request while costing every peer a netmap churn. A connection that
+    // really died stops the map stream too, and its watchdog ([`crate::defaults::MAP_WATCHDOG`])
+    // or the broken socket ends the session.
+    let mut lite: Option<LiteUpdate> = None;
+    let mut lite_wanted = false;
+    let mut lite_failures = 0u32;
+    let mut lite_retry_at: Option<tokio::time::Instant> = None;
     loop {
+        if lite.is_none() && lite_wanted && lite_retry_at.is_none() {
+            lite_wanted = false;
+            let client = client.clone();
+            let req = map_request(cfg);
+            lite = Some(Box::pin(async move { client.lite_update(&req).await }));
+        }
         tokio::select! {
             msg = stream.next() => match msg {
                 Some(Ok(m)) => {
@@ -310,18 +400,80 @@ async fn session_once(
                         state.send_replace(SessionState::Connected);
                     }
                 }
-                Some(Err(e)) => return Outcome::Failed { error: e.to_string(), was_connected: connected },
+                Some(Err(e)) => return Outcome::Failed {
+                    error: if connected { e.to_string() } else { client_error(Step::MapStart, &e) },
+                    was_connected: connected,
+                },
                 None => return Outcome::Failed { error: "map stream ended".into(), was_connected: connected },
             },
+            () = tokio::time::sleep_until(first_message_by), if !connected => {
+                return failed(
+                    TimedOut { step: Step::MapStart, after: deadlines.map_start }.to_string(),
+                );
+            }
+            r = lite_done(&mut lite) => {
+                lite = None;
+                match r {
+                    Ok(()) => lite_failures = 0,
+                    Err(e) => {
+                        let wait = lite_retry_delay(lite_failures);
+                        lite_failures = lite_failures.saturating_add(1);
+                        tracing::warn!(
+                            error = %client_error(Step::LiteUpdate, &e),
+                            retry_in = ?wait,
+                            "control server did not take our endpoints/home region; will resend",
+                        );
+                        lite_wanted = true;
+                        lite_retry_at = Some(tokio::time::Instant::now() + wait);
+                    }
+                }
+            }
+            () = sleep_until(lite_retry_at) => lite_retry_at = None,
             cmd = cmds.recv() => match cmd {
                 None => return Outcome::Stopped,
                 Some(c) => {
                     c.apply(cfg);
-                    if let Err(e) = client.lite_update(&map_request(cfg)).await {
-                        return Outcome::Failed { error: e.to_string(), was_connected: connected };
-                    }
+                    lite_wanted = true;
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lite_retries_back_off_by_doubling_up_to_the_cap() {
+        let waits: Vec<u64> = (0..9).map(|f| lite_retry_delay(f).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(lite_retry_delay(u32::MAX), LITE_RETRY_MAX);
+    }
+
+    #[test]
+    fn errors_name_their_step_once() {
+        let t = TimedOut {
+            step: Step::Register,
+            after: Duration::from_secs(30),
+        };
+        let e = ClientError::TimedOut(t);
+        assert_eq!(
+            client_error(Step::Register, &e),
+            "registering: timed out after 30 s"
+        );
+        let e = ClientError::Dial(crate::dial::DialError::TimedOut(TimedOut {
+            step: Step::TcpConnect,
+            after: Duration::from_secs(10),
+        }));
+        assert_eq!(
+            client_error(Step::Upgrade, &e),
+            "connecting to the control server (TCP): timed out after 10 s"
+        );
+        let e = ClientError::Silent(Duration::from_secs(120));
+        assert_eq!(
+            client_error(Step::MapStart, &e),
+            "starting the map poll: no map message from the control server for 120s"
+        );
     }
 }
