@@ -418,6 +418,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_header_says_why_control_is_retrying_and_that_ipv6_is_off() {
+        let s = Status {
+            state: "Starting".into(),
+            control_state: "retrying".into(),
+            control_error: Some("fetching the control key: timed out after 10 s".into()),
+            me: proto::localapi::SelfStatus {
+                os: "linux".into(),
+                ipv6_off: Some("IPv6 is switched off (disable_ipv6)".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = render_status(&s);
+        assert!(
+            t.contains("control: retrying (fetching the control key: timed out after 10 s)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("IPv6: off on this host (IPv6 is switched off (disable_ipv6))"),
+            "{t}"
+        );
+        // An older agentd says only whether it is connected.
+        let old = Status {
+            control_connected: true,
+            ..Default::default()
+        };
+        assert!(render_status(&old).contains("control: connected"));
+    }
+
+    #[test]
     fn status_table_shows_paths_and_why_relayed() {
         let s = Status {
             state: "Running".into(),

@@ -174,8 +174,11 @@ async fn run(
     state: watch::Sender<SessionState>,
 ) {
     let mut failures = 0u32;
+    // `Connecting` only until the first attempt ends: a redial after a failure stays
+    // `Retrying` (with the last error) or `Refused` until it gets somewhere, so status
+    // shows why, not a bare "connecting" that hides the failure.
+    state.send_replace(SessionState::Connecting);
     loop {
-        state.send_replace(SessionState::Connecting);
         let outcome = session_once(&mut cfg, &deadlines, &mut cmds, &netmap, &state).await;
         let refused = match outcome {
             Outcome::Stopped => return,
