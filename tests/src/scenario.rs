@@ -418,6 +418,19 @@ pub fn wait_for_ping(lab: &Lab, from: &Host, to: Ipv4Addr, within: Duration) -> 
     )))
 }
 
+/// `relayd` flags that mesh a node with `other` (its name and address), under the shared
+/// key in `psk`, trusting the region's certificate `ca`.
+pub fn mesh_flags(other: &str, ip: Ipv4Addr, psk: &Path, ca: &Path) -> Vec<String> {
+    vec![
+        "--mesh-with".into(),
+        format!("{other}/{ip}"),
+        "--mesh-psk-file".into(),
+        psk.display().to_string(),
+        "--mesh-ca-cert".into(),
+        ca.display().to_string(),
+    ]
+}
+
 /// Relay region 901 (10 ms away) and a controld serving it: the smallest world agentd
 /// can run in.
 pub fn one_region_and_control(lab: &Lab) -> Result<(Region, Control)> {

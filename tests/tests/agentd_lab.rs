@@ -672,16 +672,7 @@ fn home_relay_node_blackholed_traffic_resumes_on_the_regions_other_node() {
     let (cert, key) = scenario::write_cert(&lab, "region901", &names).unwrap();
     let psk = lab.log_dir().join("mesh.key");
     std::fs::write(&psk, "cd".repeat(32)).unwrap();
-    let mesh = |other: &str, ip: Ipv4Addr| -> Vec<String> {
-        vec![
-            "--mesh-with".into(),
-            format!("{other}/{ip}"),
-            "--mesh-psk-file".into(),
-            psk.display().to_string(),
-            "--mesh-ca-cert".into(),
-            cert.display().to_string(),
-        ]
-    };
+    let mesh = |other: &str, ip: Ipv4Addr| scenario::mesh_flags(other, ip, &psk, &cert);
     let relay_a = scenario::start_relayd_with(
         &lab,
         &ha,

@@ -10,11 +10,20 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tests::scenario::{self, Control, Device};
-use tests::{lab_or_skip, ChildGuard, Host, Lab, RouterSpec};
+use tests::{lab_or_skip, ChildGuard, Host, Lab, Router, RouterSpec};
 
 /// One relay region and controld: all these scenarios need.
 fn world(lab: &Lab) -> (scenario::Region, Control) {
     scenario::one_region_and_control(lab).unwrap()
+}
+
+/// alice and bob, each behind an easy NAT of their own: (ra, rb, alice, bob).
+fn two_easy_nats(lab: &Lab) -> (Router, Router, Host, Host) {
+    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
+    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
+    let ha = lab.add_lan_host("alice", &ra).unwrap();
+    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    (ra, rb, ha, hb)
 }
 
 /// Switches IPv6 off in `host`'s namespace, for every interface there and every one
@@ -107,10 +116,7 @@ fn all_command_lines() -> String {
 fn ipv6_disabled_hosts_go_direct_and_say_ipv6_is_off() {
     let lab = lab_or_skip!();
     let (_region, control) = world(&lab);
-    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
-    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
-    let ha = lab.add_lan_host("alice", &ra).unwrap();
-    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let (ra, rb, ha, hb) = two_easy_nats(&lab);
     disable_ipv6(&lab, &ha);
     disable_ipv6(&lab, &hb);
     let direct = lab.count_udp(lab.internet(), ra.wan_ip, rb.wan_ip).unwrap();
@@ -186,10 +192,7 @@ fn ipv6_disabled_hosts_go_direct_and_say_ipv6_is_off() {
 fn deleted_tun_device_is_made_again_and_the_ping_resumes() {
     let lab = lab_or_skip!();
     let (_region, control) = world(&lab);
-    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
-    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
-    let ha = lab.add_lan_host("alice", &ra).unwrap();
-    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let (_ra, _rb, ha, hb) = two_easy_nats(&lab);
     let mut a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
     let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
     scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(15)).unwrap();
@@ -262,10 +265,7 @@ const REBOUND_PORT: u16 = 40000;
 fn nat_rebinding_is_direct_again_within_3_s() {
     let lab = lab_or_skip!(requires: ["conntrack"]);
     let (region, control) = world(&lab);
-    let ra = lab.add_router("ra", RouterSpec::easy()).unwrap();
-    let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
-    let ha = lab.add_lan_host("alice", &ra).unwrap();
-    let hb = lab.add_lan_host("bob", &rb).unwrap();
+    let (ra, rb, ha, hb) = two_easy_nats(&lab);
     let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
     let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
     scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(15)).unwrap();

@@ -435,16 +435,7 @@ fn tailscale_derpprobe_passes_every_probe_against_two_meshed_relayd() {
     let (cert, key) = scenario::write_cert(&lab, "region901", &names).unwrap();
     let psk = lab.log_dir().join("mesh.key");
     std::fs::write(&psk, "ab".repeat(32)).unwrap();
-    let mesh = |other: &str, ip: Ipv4Addr| -> Vec<String> {
-        vec![
-            "--mesh-with".into(),
-            format!("{other}/{ip}"),
-            "--mesh-psk-file".into(),
-            psk.display().to_string(),
-            "--mesh-ca-cert".into(),
-            cert.display().to_string(),
-        ]
-    };
+    let mesh = |other: &str, ip: Ipv4Addr| scenario::mesh_flags(other, ip, &psk, &cert);
     let mut ra = scenario::start_relayd_with(
         &lab,
         &ha,
