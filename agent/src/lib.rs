@@ -2,6 +2,9 @@
 //! holds relay connections, chooses paths with disco, and carries IP packets between the
 //! TUN device and peers inside WireGuard.
 
+pub mod acl;
+#[cfg(windows)]
+mod acl_windows;
 pub mod api;
 pub mod engine;
 pub mod interfaces;

@@ -98,10 +98,31 @@ fn dir_is_safe(dir: &Path, m: &std::fs::Metadata) -> Result<(), StateError> {
     Ok(())
 }
 
-#[cfg(not(unix))]
+#[cfg(windows)]
 fn dir_is_safe(dir: &Path, m: &std::fs::Metadata) -> Result<(), StateError> {
-    // Windows: the directory's ACL is not checked yet (the default state directory is
-    // the per-user or service profile's, which only its owner and administrators write).
+    use std::os::windows::fs::MetadataExt as _;
+    const FILE_ATTRIBUTE_REPARSE_POINT: u32 = 0x400;
+    let unsafe_dir = |why: String| StateError::Unsafe {
+        path: dir.to_path_buf(),
+        why,
+    };
+    if !m.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    if std::fs::symlink_metadata(dir)
+        .is_ok_and(|l| l.file_attributes() & FILE_ATTRIBUTE_REPARSE_POINT != 0)
+    {
+        return Err(unsafe_dir("it is a link".into()));
+    }
+    let (owner, dacl) = crate::acl_windows::read(dir).map_err(|source| StateError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    crate::acl::judge(owner, dacl.as_deref()).map_err(unsafe_dir)
+}
+
+#[cfg(not(any(unix, windows)))]
+fn dir_is_safe(dir: &Path, m: &std::fs::Metadata) -> Result<(), StateError> {
     if m.is_dir() {
         Ok(())
     } else {

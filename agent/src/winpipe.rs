@@ -2,7 +2,7 @@
 //! else. Windows' default security would also let every local user open the pipe for
 //! reading, which is enough to hold the API's connection slots and lock agentctl out.
 //!
-//! The only unsafe code of the agent: turning an SDDL string into a security descriptor
+//! Unsafe code (with `acl_windows.rs`, the agent's only): turning an SDDL string into a security descriptor
 //! (Win32), and handing it to tokio's pipe creation.
 #![allow(unsafe_code)]
 
