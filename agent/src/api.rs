@@ -414,7 +414,7 @@ mod tests {
                 match q {
                     Query::Status(r) => {
                         let _ = r.send(Status {
-                            state: "Running".into(),
+                            state: proto::localapi::BackendState::Running,
                             ..Default::default()
                         });
                     }

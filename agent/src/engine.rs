@@ -32,6 +32,7 @@ use crate::routes::{self, RouteTable};
 use crate::sock::{self, Kind, RecvBuffers, UdpIo};
 use crate::tundev::{RecvBatch, SendBatch, TunDevice, BATCH};
 use crate::wg::{self, WgAction, WgRoute};
+use proto::localapi::{BackendState, ControlState, PeerPath, PingVia};
 
 /// Capability version we advertise (Headscale needs ≥ 113).
 pub const CAP_VERSION: u16 = 113;
@@ -1013,7 +1014,7 @@ impl Engine {
                 crate::peer::Via::Udp(a) => proto::localapi::PingResult {
                     peer: name.clone(),
                     address: address.clone(),
-                    via: "direct".into(),
+                    via: PingVia::Direct,
                     endpoint: Some(a.to_string()),
                     latency_ms,
                     ..Default::default()
@@ -1021,7 +1022,7 @@ impl Engine {
                 crate::peer::Via::Relay(r) => proto::localapi::PingResult {
                     peer: name.clone(),
                     address: address.clone(),
-                    via: "relay".into(),
+                    via: PingVia::Relay,
                     relay_region: Some(if r > 0 { r } else { home }),
                     relay_region_name: self.region_name(if r > 0 { r } else { home }),
                     latency_ms,
@@ -1080,12 +1081,12 @@ impl Engine {
         let (hs, tx, rx) = p.wg.stats();
         let targets = p.path.send_targets(now);
         let path = match (targets.udp, p.home_region > 0) {
-            (Some(_), _) => "direct",
-            (None, true) => "relay",
-            (None, false) => "none",
+            (Some(_), _) => PeerPath::Direct,
+            (None, true) => PeerPath::Relay,
+            (None, false) => PeerPath::None,
         };
         let mut reason = p.path.reason(now).describe(now);
-        if path == "none" {
+        if path == PeerPath::None {
             reason = "no path: the peer has no home relay yet and no direct path".into();
         }
         proto::localapi::PeerStatus {
@@ -1097,7 +1098,7 @@ impl Engine {
                 .map(|h| h.os.clone())
                 .unwrap_or_default(),
             online: node.and_then(|n| n.online),
-            path: path.into(),
+            path,
             direct: targets.udp.map(|a| a.to_string()),
             relay_region: (p.home_region > 0).then_some(p.home_region),
             relay_region_name: self.region_name(p.home_region),
@@ -1113,26 +1114,25 @@ impl Engine {
         let me = self.netmap.as_ref().and_then(|nm| nm.self_node.as_ref());
         let home = self.relays.home();
         let (state, auth_url) = match &self.control_state {
-            _ if self.session.is_none() => ("Stopped", None),
-            SessionState::NeedsLogin { url } => ("NeedsLogin", Some(url.clone())),
-            _ if self.netmap.is_some() => ("Running", None),
-            _ => ("Starting", None),
+            _ if self.session.is_none() => (BackendState::Stopped, None),
+            SessionState::NeedsLogin { url } => (BackendState::NeedsLogin, Some(url.clone())),
+            _ if self.netmap.is_some() => (BackendState::Running, None),
+            _ => (BackendState::Starting, None),
         };
         proto::localapi::Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            state: state.into(),
+            state,
             auth_url,
             control_url: self.control_url.clone(),
             control_connected: matches!(self.control_state, SessionState::Connected),
             control_state: match &self.control_state {
-                _ if self.session.is_none() => "stopped",
-                SessionState::Connecting => "connecting",
-                SessionState::Connected => "connected",
-                SessionState::NeedsLogin { .. } => "needs-login",
-                SessionState::Retrying { .. } => "retrying",
-                SessionState::Refused { .. } => "refused",
-            }
-            .into(),
+                _ if self.session.is_none() => ControlState::Stopped,
+                SessionState::Connecting => ControlState::Connecting,
+                SessionState::Connected => ControlState::Connected,
+                SessionState::NeedsLogin { .. } => ControlState::NeedsLogin,
+                SessionState::Retrying { .. } => ControlState::Retrying,
+                SessionState::Refused { .. } => ControlState::Refused,
+            },
             control_error: match &self.control_state {
                 SessionState::Retrying { error } => Some(error.clone()),
                 SessionState::Refused { reason } => Some(reason.clone()),

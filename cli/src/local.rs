@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use proto::localapi::{ApiError, PeerStatus, Status, Version};
+use proto::localapi::{ApiError, ControlState, PeerPath, PeerStatus, PingVia, Status, Version};
 use serde::de::DeserializeOwned;
 
 /// How long a request may take.
@@ -212,15 +212,16 @@ fn short_name(name: &str) -> String {
 
 /// The path column: `direct 203.0.113.5:41641`, `relay "Frankfurt"`, or `none`.
 pub fn path_text(p: &PeerStatus) -> String {
-    match p.path.as_str() {
-        "direct" => format!("direct {}", p.direct.as_deref().unwrap_or("?")),
-        "relay" => format!(
+    match p.path {
+        PeerPath::Direct => format!("direct {}", p.direct.as_deref().unwrap_or("?")),
+        PeerPath::Relay => format!(
             "relay {:?}",
             p.relay_region_name
                 .clone()
                 .unwrap_or_else(|| p.relay_region.unwrap_or_default().to_string())
         ),
-        other => other.to_string(),
+        PeerPath::None => "none".into(),
+        PeerPath::Unknown => "?".into(),
     }
 }
 
@@ -246,12 +247,15 @@ pub fn render_status(s: &Status) -> String {
         },
         me.os,
         home,
-        match (s.control_state.as_str(), &s.control_error) {
-            ("retrying", Some(e)) => format!("retrying ({e})"),
+        match (s.control_state, &s.control_error) {
+            (ControlState::Retrying, Some(e)) => format!("retrying ({e})"),
             // An older agentd says only whether it is connected.
-            ("", _) if s.control_connected => "connected".to_string(),
-            ("", _) => "not connected".to_string(),
-            (state, _) => state.to_string(),
+            (ControlState::Unknown, _) if s.control_connected => "connected".to_string(),
+            (ControlState::Unknown, _) => "not connected".to_string(),
+            (state, _) => serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
         }
     );
     if let Some(why) = &me.ipv6_off {
@@ -289,7 +293,7 @@ pub fn render_status(s: &Status) -> String {
                     human_bytes(p.rx_bytes),
                     human_bytes(p.tx_bytes)
                 ),
-                if p.path == "direct" {
+                if p.path == PeerPath::Direct {
                     String::new()
                 } else {
                     p.reason.clone()
@@ -416,12 +420,13 @@ pub async fn version(conn: &Conn, a: VersionArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::localapi::BackendState;
 
     #[test]
     fn status_header_says_why_control_is_retrying_and_that_ipv6_is_off() {
         let s = Status {
-            state: "Starting".into(),
-            control_state: "retrying".into(),
+            state: BackendState::Starting,
+            control_state: ControlState::Retrying,
             control_error: Some("fetching the control key: timed out after 10 s".into()),
             me: proto::localapi::SelfStatus {
                 os: "linux".into(),
@@ -450,7 +455,7 @@ mod tests {
     #[test]
     fn status_table_shows_paths_and_why_relayed() {
         let s = Status {
-            state: "Running".into(),
+            state: BackendState::Running,
             control_connected: true,
             me: proto::localapi::SelfStatus {
                 name: "alice".into(),
@@ -467,7 +472,7 @@ mod tests {
                     addresses: vec!["100.64.0.2/32".into()],
                     os: "linux".into(),
                     online: Some(true),
-                    path: "direct".into(),
+                    path: PeerPath::Direct,
                     direct: Some("198.51.100.11:41641".into()),
                     last_handshake_secs: Some(3.0),
                     rx_bytes: 1234,
@@ -477,7 +482,7 @@ mod tests {
                 PeerStatus {
                     name: "carol".into(),
                     addresses: vec!["100.64.0.3/32".into()],
-                    path: "relay".into(),
+                    path: PeerPath::Relay,
                     relay_region: Some(902),
                     relay_region_name: Some("Virginia".into()),
                     reason: "relay: pings unanswered since 5s ago".into(),
@@ -519,9 +524,9 @@ pub struct PingArgs {
 
 /// One line of `agentctl ping` output.
 pub fn pong_text(r: &proto::localapi::PingResult) -> String {
-    let via = match r.via.as_str() {
-        "direct" => r.endpoint.clone().unwrap_or_default(),
-        _ => format!(
+    let via = match r.via {
+        PingVia::Direct => r.endpoint.clone().unwrap_or_default(),
+        PingVia::Relay | PingVia::Unknown => format!(
             "relay {:?}",
             r.relay_region_name
                 .clone()
@@ -552,7 +557,7 @@ pub async fn ping(conn: &Conn, a: PingArgs) -> anyhow::Result<()> {
                 } else {
                     println!("{}", pong_text(&r));
                 }
-                if r.via == "direct" {
+                if r.via == PingVia::Direct {
                     return Ok(());
                 }
             }

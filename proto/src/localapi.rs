@@ -134,23 +134,82 @@ pub fn query_value(query: &str, key: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// agentd's state as a whole (Tailscale's backend states, by the same names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendState {
+    /// Not yet running: no netmap yet.
+    #[default]
+    Starting,
+    /// A person must open `auth_url` to add this device.
+    NeedsLogin,
+    Running,
+    /// `agentctl down`.
+    Stopped,
+    /// A state this agentctl does not know (a newer agentd).
+    #[serde(other)]
+    Unknown,
+}
+
+/// The control session's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlState {
+    Connecting,
+    Connected,
+    NeedsLogin,
+    /// The last attempt failed (`control_error` says why); redialling with backoff.
+    Retrying,
+    /// The server refused this device; a new key is needed.
+    Refused,
+    /// `agentctl down`.
+    Stopped,
+    /// Not said (an older agentd), or a state this agentctl does not know.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+/// How packets reach a peer now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerPath {
+    Direct,
+    Relay,
+    /// No way to reach it yet.
+    #[default]
+    None,
+    /// A path this agentctl does not know (a newer agentd).
+    #[serde(other)]
+    Unknown,
+}
+
+/// Which way a ping's pong came.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PingVia {
+    Direct,
+    #[default]
+    Relay,
+    /// A way this agentctl does not know (a newer agentd).
+    #[serde(other)]
+    Unknown,
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// agentd's version.
     pub version: String,
-    /// `Starting`, `NeedsLogin`, `Running`, `Stopped`.
-    pub state: String,
+    pub state: BackendState,
     /// The login URL while `state` is `NeedsLogin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_url: Option<String>,
     /// The control server's URL and whether we are connected to it.
     pub control_url: String,
     pub control_connected: bool,
-    /// The control session: `connecting`, `connected`, `needs-login`, `retrying`,
-    /// `refused` or `stopped`.
+    /// The control session's state (`unknown` from an agentd older than this field).
     #[serde(default)]
-    pub control_state: String,
+    pub control_state: ControlState,
     /// Why the last attempt failed, while `control_state` is `retrying` or `refused`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_error: Option<String>,
@@ -191,8 +250,7 @@ pub struct PeerStatus {
     pub os: String,
     /// What control says (None: it did not say).
     pub online: Option<bool>,
-    /// `direct`, `relay` or `none` (no way to reach it yet).
-    pub path: String,
+    pub path: PeerPath,
     /// The direct address, when `path` is `direct`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct: Option<String>,
@@ -213,8 +271,7 @@ pub struct PeerStatus {
 pub struct PingResult {
     pub peer: String,
     pub address: String,
-    /// `direct` or `relay`.
-    pub via: String,
+    pub via: PingVia,
     /// The peer's address the pong came from, when direct.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
@@ -284,14 +341,14 @@ mod tests {
     fn status_round_trips_and_uses_self() {
         let s = Status {
             version: "0.1.0".into(),
-            state: "Running".into(),
+            state: BackendState::Running,
             me: SelfStatus {
                 name: "a".into(),
                 ..Default::default()
             },
             peers: vec![PeerStatus {
                 name: "b".into(),
-                path: "relay".into(),
+                path: PeerPath::Relay,
                 relay_region: Some(901),
                 ..Default::default()
             }],
@@ -301,5 +358,40 @@ mod tests {
         assert!(j.contains("\"self\":{"), "{j}");
         let back: Status = serde_json::from_str(&j).unwrap_or_default();
         assert_eq!(back, s);
+    }
+
+    /// The states travel as the same words as before (scripts read them), and a word
+    /// this side does not know is `Unknown`, not an error.
+    #[test]
+    fn states_are_the_documented_words_and_unknown_ones_parse() {
+        assert_eq!(word(&PeerPath::Direct), "direct");
+        assert_eq!(word(&PeerPath::None), "none");
+        assert_eq!(word(&PingVia::Relay), "relay");
+        assert_eq!(word(&BackendState::NeedsLogin), "NeedsLogin");
+        assert_eq!(word(&ControlState::NeedsLogin), "needs-login");
+        assert_eq!(word(&ControlState::Retrying), "retrying");
+        let p: PeerPath = serde_json::from_str("\"peer-relay\"").unwrap_or(PeerPath::None);
+        assert_eq!(p, PeerPath::Unknown);
+        let c: ControlState =
+            serde_json::from_str("\"sleeping\"").unwrap_or(ControlState::Connected);
+        assert_eq!(c, ControlState::Unknown);
+        // An older agentd's status (no control_state) still parses.
+        let old = r#"{"version":"0","state":"Running","control_url":"","control_connected":true,
+            "self":{"name":"","node_key":"","addresses":[],"os":"","endpoints":[],
+            "home_region":null,"home_region_name":null,"home_latency_ms":null,"tun":null},
+            "peers":[]}"#;
+        let s: Status = serde_json::from_str(old).unwrap_or_default();
+        assert_eq!(
+            (s.state, s.control_state),
+            (BackendState::Running, ControlState::Unknown)
+        );
+    }
+
+    /// The word an enum above travels as.
+    fn word<T: Serialize>(x: &T) -> String {
+        serde_json::to_value(x)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
     }
 }
