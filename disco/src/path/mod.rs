@@ -8,6 +8,13 @@
 //! heartbeats to keep it trusted, back to the relay when pongs stop — with a cost that
 //! keeps the choice steady: latency is the median of recent pongs, a challenger needs a
 //! clear margin, and a candidate whose pings went unanswered is penalised for a while.
+//!
+//! Where the search stands is one `Phase` (idle, discovering, unanswered, direct,
+//! lost), from which the path, the send rule and the status reason are read. Every
+//! timer is a `Timer`, and one function, `PathState::deadline`, says when each is due:
+//! `poll_timeout` is their minimum and `handle_timeout` runs exactly those due, so the
+//! two cannot disagree. How candidates compare is in `score.rs`; the tests are in
+//! `tests.rs`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -208,33 +215,105 @@ impl Candidate {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Best {
+/// Where the search for a direct path stands. Packets are relayed in every phase but
+/// `Direct`; a peer without candidates shows as having no endpoints whatever its phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No ping sent yet, so nothing tried.
+    Idle,
+    /// Pings are out (the first went at `since`); none lost, none answered.
+    Discovering { since: Instant },
+    /// A ping was lost at `since`, and nothing has answered since.
+    Unanswered { since: Instant },
+    /// Packets go to a direct path.
+    Direct(DirectPath),
+    /// The direct path stopped answering at `at`; relayed until a candidate answers.
+    Lost { at: Instant },
+}
+
+/// The direct path in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirectPath {
     addr: SocketAddr,
+    /// The median of its recent pongs.
     latency: Duration,
+    /// Used alone (no relay copy) before this: its last pong plus [`TRUST_UDP_ADDR`], or
+    /// earlier when a silence probe went unanswered.
+    trust_until: Instant,
+    /// When something last came from the peer over this path (a pong, a ping, an
+    /// authenticated WireGuard packet)…
+    last_heard: Instant,
+    /// …and the first ping to it after that (if it is older than `last_heard`, it was
+    /// answered or overtaken: there is none).
+    quiet_ping: Option<Instant>,
+}
+
+impl DirectPath {
+    fn trusted(&self, now: Instant) -> bool {
+        now < self.trust_until
+    }
+}
+
+/// The silence check of a trusted direct path (see [`SILENCE_PROBE_AFTER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Silence {
+    /// Data went out and nothing came back: ping the path at this instant…
+    ProbeAt(Instant),
+    /// …and if that ping is still unanswered at this instant, stop trusting the path.
+    DistrustAt(Instant),
+}
+
+/// Every timer of path selection. [`PathState::deadline`] says when each is due, from
+/// the state alone; [`PathState::poll_timeout`] is the earliest of them, and
+/// [`PathState::handle_timeout`] walks them in this order and runs those due. Each run
+/// moves its own deadline past `now` (or disarms it) and can make due only timers later
+/// in the order, so after `handle_timeout(now)` no deadline is at or before `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// A trusted path went quiet while data went out: ping it.
+    SilenceProbe,
+    /// That ping went unanswered: the path stops being trusted early.
+    SilenceDistrust,
+    /// The oldest ping awaiting a pong is lost.
+    PingTimeout,
+    /// The direct path's trust ran out a ping timeout ago: give it up.
+    DirectGiveUp,
+    /// A call-me-maybe went unanswered while data flows and no direct path exists.
+    CallMeMaybeRetry,
+    /// While data flows: ping the direct path, and every candidate when a round is due.
+    Heartbeat,
+    /// A candidate known only from its pings has not pinged us for the session timeout.
+    CandidateExpiry,
+}
+
+impl Timer {
+    const ALL: [Timer; 7] = [
+        Timer::SilenceProbe,
+        Timer::SilenceDistrust,
+        Timer::PingTimeout,
+        Timer::DirectGiveUp,
+        Timer::CallMeMaybeRetry,
+        Timer::Heartbeat,
+        Timer::CandidateExpiry,
+    ];
 }
 
 /// Path selection for one peer.
 #[derive(Debug)]
 pub struct PathState {
+    phase: Phase,
     candidates: BTreeMap<SocketAddr, Candidate>,
     outstanding: BTreeMap<TxId, (SocketAddr, Instant)>,
-    best: Option<Best>,
-    trust_until: Option<Instant>,
     has_relay: bool,
+    /// The last data sent: the session is active for [`SESSION_ACTIVE_TIMEOUT`] after.
     last_data: Option<Instant>,
-    /// When something last came from the peer over the best path (a pong, a ping, an
-    /// authenticated WireGuard packet)…
-    last_heard: Option<Instant>,
-    /// …and the first ping to the best path after that (if it is older than
-    /// `last_heard`, it was answered or overtaken: there is none).
-    quiet_ping: Option<Instant>,
+    /// The next heartbeat, while the session is (or was until then) active.
     heartbeat_at: Option<Instant>,
+    /// The last round of pings to every candidate.
     last_full_ping: Option<Instant>,
-    discovering_since: Option<Instant>,
-    unanswered_since: Option<Instant>,
-    lost_at: Option<Instant>,
+    /// The last call-me-maybe, while it may need repeating…
     last_cmm: Option<Instant>,
+    /// …and how long after it the repeat is due.
     cmm_retry: Duration,
     actions: VecDeque<Action>,
     rng: StdRng,
@@ -245,19 +324,13 @@ impl PathState {
     /// A fresh state; `seed` seeds the transaction IDs.
     pub fn new(seed: u64, _now: Instant) -> Self {
         PathState {
+            phase: Phase::Idle,
             candidates: BTreeMap::new(),
             outstanding: BTreeMap::new(),
-            best: None,
-            trust_until: None,
             has_relay: false,
             last_data: None,
-            last_heard: None,
-            quiet_ping: None,
             heartbeat_at: None,
             last_full_ping: None,
-            discovering_since: None,
-            unanswered_since: None,
-            lost_at: None,
             last_cmm: None,
             cmm_retry: CMM_RETRY_MIN,
             actions: VecDeque::new(),
@@ -285,6 +358,19 @@ impl PathState {
         self.candidates.get_mut(&addr)
     }
 
+    /// The direct path, if there is one.
+    fn direct(&self) -> Option<&DirectPath> {
+        match &self.phase {
+            Phase::Direct(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn session_active(&self, now: Instant) -> bool {
+        self.last_data
+            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT)
+    }
+
     /// The peer's endpoints from the netmap (replacing the previous netmap list).
     pub fn set_endpoints(&mut self, endpoints: &[SocketAddr], now: Instant) {
         for c in self.candidates.values_mut() {
@@ -301,23 +387,23 @@ impl PathState {
     /// Whether the peer can be reached through a relay at all (it has a home region).
     pub fn set_relay(&mut self, has_relay: bool) {
         self.has_relay = has_relay;
+        if !has_relay {
+            // No call-me-maybe can go out: the next one starts a fresh backoff.
+            self.cmm_retry = CMM_RETRY_MIN;
+        }
     }
 
     fn trusted(&self, now: Instant) -> bool {
-        self.best.is_some() && self.trust_until.is_some_and(|t| now < t)
+        self.direct().is_some_and(|d| d.trusted(now))
     }
 
     /// Where a packet goes now: trusted direct → UDP only; untrusted direct → both;
     /// none → relay.
     pub fn send_targets(&self, now: Instant) -> SendTargets {
-        match self.best {
-            Some(b) if self.trusted(now) => SendTargets {
-                udp: Some(b.addr),
-                relay: false,
-            },
-            Some(b) => SendTargets {
-                udp: Some(b.addr),
-                relay: true,
+        match self.direct() {
+            Some(d) => SendTargets {
+                udp: Some(d.addr),
+                relay: !d.trusted(now),
             },
             None => SendTargets {
                 udp: None,
@@ -328,33 +414,25 @@ impl PathState {
 
     /// The current path.
     pub fn path(&self) -> Path {
-        match self.best {
-            Some(b) => Path::Direct(b.addr),
+        match self.direct() {
+            Some(d) => Path::Direct(d.addr),
             None => Path::Relay,
         }
     }
 
     /// Why the path is what it is.
     pub fn reason(&self, now: Instant) -> PathReason {
-        if let Some(b) = self.best {
-            return PathReason::Direct {
-                addr: b.addr,
-                latency: b.latency,
-                trusted: self.trusted(now),
-            };
-        }
-        if self.candidates.is_empty() {
-            return PathReason::NoEndpoints;
-        }
-        if let Some(at) = self.lost_at {
-            return PathReason::DirectLost { at };
-        }
-        if let Some(since) = self.unanswered_since {
-            return PathReason::PingsUnanswered { since };
-        }
-        match self.discovering_since {
-            Some(since) => PathReason::Discovering { since },
-            None => PathReason::Idle,
+        match self.phase {
+            Phase::Direct(d) => PathReason::Direct {
+                addr: d.addr,
+                latency: d.latency,
+                trusted: d.trusted(now),
+            },
+            _ if self.candidates.is_empty() => PathReason::NoEndpoints,
+            Phase::Lost { at } => PathReason::DirectLost { at },
+            Phase::Unanswered { since } => PathReason::PingsUnanswered { since },
+            Phase::Discovering { since } => PathReason::Discovering { since },
+            Phase::Idle => PathReason::Idle,
         }
     }
 
@@ -367,18 +445,18 @@ impl PathState {
         }
         let tx_id: TxId = self.rng.gen();
         self.outstanding.insert(tx_id, (to, now));
-        if self.best.is_some_and(|b| b.addr == to)
-            && self
-                .quiet_ping
-                .is_none_or(|q| self.last_heard.is_some_and(|h| q < h))
-        {
-            self.quiet_ping = Some(now);
+        match &mut self.phase {
+            Phase::Idle => self.phase = Phase::Discovering { since: now },
+            // The first ping to the path since we last heard from it.
+            Phase::Direct(d) if d.addr == to && d.quiet_ping.is_none_or(|q| q < d.last_heard) => {
+                d.quiet_ping = Some(now);
+            }
+            _ => {}
         }
         if let Some(c) = self.candidates.get_mut(&to) {
             c.last_ping_sent = Some(now);
         }
         self.counters.pings_sent += 1;
-        self.discovering_since.get_or_insert(now);
         self.push(Action::SendPing { to, tx_id });
     }
 
@@ -411,10 +489,16 @@ impl PathState {
         }
     }
 
+    /// Whether an unanswered call-me-maybe would be repeated: no direct path, something
+    /// to ping, and a relay to send it through.
+    fn cmm_retry_applies(&self) -> bool {
+        self.direct().is_none() && !self.candidates.is_empty() && self.has_relay
+    }
+
     /// While data flows and no pong came back, call-me-maybe is repeated on a short
     /// backoff (1, 2, 4 s): the first one may have raced the peer's relay connection.
     fn retry_call_me_maybe(&mut self, now: Instant) {
-        if self.best.is_some() || self.candidates.is_empty() || !self.has_relay {
+        if !self.cmm_retry_applies() {
             self.cmm_retry = CMM_RETRY_MIN;
             return;
         }
@@ -430,10 +514,7 @@ impl PathState {
     /// up, the peer's endpoints or home region changed): if traffic is flowing and there
     /// is no trusted path, ping every candidate and call-me-maybe again at once.
     pub fn rediscover(&mut self, now: Instant) {
-        let active = self
-            .last_data
-            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT);
-        if !active || self.trusted(now) {
+        if !self.session_active(now) || self.trusted(now) {
             return;
         }
         for c in self.candidates.values_mut() {
@@ -444,11 +525,11 @@ impl PathState {
     }
 
     fn want_full_ping(&self, now: Instant) -> bool {
-        match (self.best, self.last_full_ping) {
+        match (self.direct(), self.last_full_ping) {
             (None, _) | (_, None) => true,
             _ if !self.trusted(now) => true,
-            (Some(b), Some(t)) => {
-                b.latency > GOOD_ENOUGH_LATENCY
+            (Some(d), Some(t)) => {
+                d.latency > GOOD_ENOUGH_LATENCY
                     && now.saturating_duration_since(t) >= UPGRADE_INTERVAL
             }
         }
@@ -459,6 +540,12 @@ impl PathState {
     /// Returns whether it started discovery (pings to send now); otherwise at most a
     /// timer changed, which [`PathState::poll_timeout`] reports.
     pub fn on_data_sent(&mut self, now: Instant) -> bool {
+        if !self.session_active(now) {
+            // A session starts (or starts over after being idle): no earlier
+            // call-me-maybe is waiting for an answer.
+            self.last_cmm = None;
+            self.cmm_retry = CMM_RETRY_MIN;
+        }
         self.last_data = Some(now);
         if self.heartbeat_at.is_none() {
             self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
@@ -476,8 +563,10 @@ impl PathState {
     /// every 500 ms) so both NATs open. The caller answers the ping with a pong itself.
     pub fn on_ping(&mut self, via: Via, _tx_id: TxId, now: Instant) {
         let Via::Udp(from) = via else { return };
-        if self.best.is_some_and(|b| b.addr == from) {
-            self.last_heard = Some(now);
+        if let Phase::Direct(d) = &mut self.phase {
+            if d.addr == from {
+                d.last_heard = now;
+            }
         }
         let is_new = !self.candidates.contains_key(&from);
         let Some(c) = self.candidate_mut(from) else {
@@ -523,47 +612,51 @@ impl PathState {
             c.pongs.pop_front();
         }
         c.pongs.push_back(latency);
-        let cand_latency = c.latency().unwrap_or(latency);
-        let cand_penalised = c.penalised(now);
-        self.unanswered_since = None;
+        let challenger = Contender {
+            addr: to,
+            latency: c.latency().unwrap_or(latency),
+            penalised: c.penalised(now),
+        };
+        // A ping to it at this very instant is one after we last heard from it.
+        let pinged_now = c.last_ping_sent.filter(|t| *t >= now);
 
-        let switch = match self.best {
+        let switch = match self.direct() {
             None => true,
-            Some(b) if b.addr == to => false,
+            Some(d) if d.addr == to => false,
             Some(_) if !self.trusted(now) => true,
-            Some(b) => {
-                let best_pen = self
-                    .candidates
-                    .get(&b.addr)
-                    .is_some_and(|c| c.penalised(now));
-                score::beats(
-                    Contender {
-                        addr: to,
-                        latency: cand_latency,
-                        penalised: cand_penalised,
-                    },
-                    Contender {
-                        addr: b.addr,
-                        latency: b.latency,
-                        penalised: best_pen,
-                    },
-                )
-            }
+            Some(d) => score::beats(
+                challenger,
+                Contender {
+                    addr: d.addr,
+                    latency: d.latency,
+                    penalised: self
+                        .candidates
+                        .get(&d.addr)
+                        .is_some_and(|c| c.penalised(now)),
+                },
+            ),
         };
         if switch {
-            self.best = Some(Best {
+            if self.direct().is_none() {
+                // A direct path ends the search: a later one starts a fresh backoff.
+                self.cmm_retry = CMM_RETRY_MIN;
+            }
+            self.phase = Phase::Direct(DirectPath {
                 addr: to,
-                latency: cand_latency,
+                latency: challenger.latency,
+                trust_until: now + TRUST_UDP_ADDR,
+                last_heard: now,
+                quiet_ping: pinged_now,
             });
-            self.lost_at = None;
             self.counters.path_changes += 1;
             self.push(Action::PathChanged(Path::Direct(to)));
-        }
-        if let Some(b) = &mut self.best {
-            if b.addr == to {
-                b.latency = cand_latency;
-                self.trust_until = Some(now + TRUST_UDP_ADDR);
-                self.last_heard = Some(now);
+            // The path left behind may have been kept only for being the path.
+            self.prune(now);
+        } else if let Phase::Direct(d) = &mut self.phase {
+            if d.addr == to {
+                d.latency = challenger.latency;
+                d.trust_until = now + TRUST_UDP_ADDR;
+                d.last_heard = now;
             }
         }
     }
@@ -571,48 +664,27 @@ impl PathState {
     /// An authenticated packet (WireGuard) arrived from the peer over UDP, not through a
     /// relay: the direct path works, inwards at least.
     pub fn on_heard_direct(&mut self, now: Instant) {
-        self.last_heard = Some(now);
+        if let Phase::Direct(d) = &mut self.phase {
+            d.last_heard = now;
+        }
     }
 
-    /// The silence check's deadline, and whether the quiet path has been pinged since it
-    /// went quiet (then the deadline ends its trust; otherwise it is when to ping it).
-    /// `None` unless the path is trusted and data went out since anything came back. A
-    /// deadline at or past the trust's end is none: the trust ends by itself then (and a
-    /// deadline `handle_timeout` would not act on would come back forever).
-    fn silence_deadline(&self) -> Option<(Instant, bool)> {
-        let (Some(b), Some(trust), Some(heard), Some(sent)) =
-            (self.best, self.trust_until, self.last_heard, self.last_data)
-        else {
+    /// The silence check of the direct path: `None` unless the path is trusted and data
+    /// went out since anything came back. A deadline at or past the trust's end is none:
+    /// the trust ends by itself then.
+    fn silence(&self) -> Option<Silence> {
+        let (Some(d), Some(sent)) = (self.direct(), self.last_data) else {
             return None;
         };
-        if sent <= heard {
+        if sent <= d.last_heard {
             return None;
         }
-        let (due, pinged) = match self.quiet_ping.filter(|q| *q >= heard) {
-            Some(q) => (q + SILENCE_PROBE_WAIT.max(b.latency * 4), true),
-            None => (heard + SILENCE_PROBE_AFTER, false),
+        let check = match d.quiet_ping.filter(|q| *q >= d.last_heard) {
+            Some(q) => Silence::DistrustAt(q + SILENCE_PROBE_WAIT.max(d.latency * 4)),
+            None => Silence::ProbeAt(d.last_heard + SILENCE_PROBE_AFTER),
         };
-        (due < trust).then_some((due, pinged))
-    }
-
-    /// Pings the quiet trusted path, or ends its trust if the ping went unanswered (see
-    /// [`SILENCE_PROBE_AFTER`]).
-    fn check_silence(&mut self, now: Instant) {
-        let (Some((due, pinged)), Some(b)) = (self.silence_deadline(), self.best) else {
-            return;
-        };
-        if now < due {
-            return;
-        }
-        if pinged {
-            // The trust ended at the deadline (so the deadline is past it: no repeat).
-            self.trust_until = Some(due);
-            self.counters.silence_distrusted += 1;
-        } else {
-            self.counters.silence_probes += 1;
-            self.send_ping(b.addr, now);
-            self.push(Action::DirectPathQuiet);
-        }
+        let (Silence::ProbeAt(due) | Silence::DistrustAt(due)) = check;
+        (due < d.trust_until).then_some(check)
     }
 
     /// Our own endpoints changed (a new public port after a NAT rebinding, a new
@@ -621,10 +693,7 @@ impl PathState {
     /// call-me-maybe at once (the peer then pings our new endpoints, opening both NATs)
     /// and pings every candidate again.
     pub fn our_endpoints_changed(&mut self, now: Instant) {
-        let active = self
-            .last_data
-            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT);
-        if !active {
+        if !self.session_active(now) {
             return;
         }
         let all: Vec<SocketAddr> = self.candidates.keys().copied().collect();
@@ -660,26 +729,119 @@ impl PathState {
         self.last_full_ping = Some(now);
     }
 
+    /// Drops the candidates no source vouches for any more (the direct path stays).
     fn prune(&mut self, now: Instant) {
-        let best = self.best.map(|b| b.addr);
+        let direct = self.direct().map(|d| d.addr);
         self.candidates
-            .retain(|a, c| c.keep(now) || Some(*a) == best);
-    }
-
-    fn lose_best(&mut self, now: Instant) {
-        if self.best.take().is_some() {
-            self.trust_until = None;
-            self.lost_at = Some(now);
-            self.counters.path_changes += 1;
-            self.push(Action::PathChanged(Path::Relay));
+            .retain(|a, c| c.keep(now) || Some(*a) == direct);
+        if self.candidates.is_empty() {
+            // Nothing to ping: the next call-me-maybe starts a fresh backoff.
+            self.cmm_retry = CMM_RETRY_MIN;
         }
     }
 
-    /// Runs the timers due at `now`: lost pings, heartbeats, candidate expiry.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        self.check_silence(now);
-        // Lost pings: the candidate is penalised; a lost ping on an untrusted best path
-        // clears it (traffic is on the relay alone until something answers).
+    fn lose_direct(&mut self, now: Instant) {
+        if self.direct().is_some() {
+            self.phase = Phase::Lost { at: now };
+            self.counters.path_changes += 1;
+            self.push(Action::PathChanged(Path::Relay));
+            // The lost path may have been kept only for being the path.
+            self.prune(now);
+        }
+    }
+
+    /// When `timer` is next due, from the state alone; `None` while it is not armed.
+    fn deadline(&self, timer: Timer) -> Option<Instant> {
+        match timer {
+            Timer::SilenceProbe => match self.silence()? {
+                Silence::ProbeAt(t) => Some(t),
+                Silence::DistrustAt(_) => None,
+            },
+            Timer::SilenceDistrust => match self.silence()? {
+                Silence::DistrustAt(t) => Some(t),
+                Silence::ProbeAt(_) => None,
+            },
+            Timer::PingTimeout => {
+                let oldest = self.outstanding.values().map(|(_, sent)| *sent).min()?;
+                Some(oldest + PING_TIMEOUT)
+            }
+            Timer::DirectGiveUp => Some(self.direct()?.trust_until + PING_TIMEOUT),
+            Timer::CallMeMaybeRetry => {
+                // Only while the session is active: past that there is nothing to retry.
+                let due = self.last_cmm? + self.cmm_retry;
+                let idle_at = self.last_data? + SESSION_ACTIVE_TIMEOUT;
+                (self.cmm_retry_applies() && due < idle_at).then_some(due)
+            }
+            Timer::Heartbeat => self.heartbeat_at,
+            Timer::CandidateExpiry => {
+                let direct = self.direct().map(|d| d.addr);
+                self.candidates
+                    .iter()
+                    // The direct path is kept past its expiry (`prune`): no deadline.
+                    .filter(|(a, c)| {
+                        Some(**a) != direct && !c.sources.netmap && !c.sources.call_me_maybe
+                    })
+                    .filter_map(|(_, c)| c.sources.pinged_us)
+                    .map(|p| p + SESSION_ACTIVE_TIMEOUT)
+                    .min()
+            }
+        }
+    }
+
+    /// Runs `timer`, which is due at `now`.
+    fn run(&mut self, timer: Timer, now: Instant) {
+        match timer {
+            Timer::SilenceProbe => {
+                if let Some(addr) = self.direct().map(|d| d.addr) {
+                    self.counters.silence_probes += 1;
+                    self.send_ping(addr, now);
+                    self.push(Action::DirectPathQuiet);
+                }
+            }
+            Timer::SilenceDistrust => {
+                let due = self.deadline(Timer::SilenceDistrust);
+                if let (Phase::Direct(d), Some(due)) = (&mut self.phase, due) {
+                    // The trust ended at the deadline (so the deadline is past it: no
+                    // repeat).
+                    d.trust_until = due;
+                    self.counters.silence_distrusted += 1;
+                }
+            }
+            Timer::PingTimeout => self.expire_pings(now),
+            Timer::DirectGiveUp => self.lose_direct(now),
+            Timer::CallMeMaybeRetry => {
+                if self.session_active(now) {
+                    self.retry_call_me_maybe(now);
+                } else {
+                    // Run late, past the active window: nothing to retry any more.
+                    self.last_cmm = None;
+                    self.cmm_retry = CMM_RETRY_MIN;
+                }
+            }
+            Timer::Heartbeat => {
+                if !self.session_active(now) {
+                    // The session went idle: heartbeats stop, and no call-me-maybe is
+                    // waiting to be repeated.
+                    self.heartbeat_at = None;
+                    self.last_cmm = None;
+                    self.cmm_retry = CMM_RETRY_MIN;
+                    return;
+                }
+                if let Some(addr) = self.direct().map(|d| d.addr) {
+                    self.send_ping(addr, now);
+                }
+                if self.want_full_ping(now) {
+                    self.discover(now);
+                }
+                self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
+            }
+            Timer::CandidateExpiry => self.prune(now),
+        }
+    }
+
+    /// Lost pings: the candidate is penalised; a lost ping on an untrusted direct path
+    /// ends it (traffic is on the relay alone until something answers).
+    fn expire_pings(&mut self, now: Instant) {
         let lost: Vec<(TxId, SocketAddr)> = self
             .outstanding
             .iter()
@@ -697,92 +859,33 @@ impl PathState {
                     c.penalty_until = Some(now + FAILURE_PENALTY_TIME);
                 }
             }
-            if self.best.is_none() {
-                self.unanswered_since.get_or_insert(now);
-            }
-            if self.best.is_some_and(|b| b.addr == addr) && !self.trusted(now) {
-                self.lose_best(now);
-            }
-        }
-        // A best path whose trust ran out and which keeps not answering: once it has been
-        // untrusted for a full ping timeout, give it up.
-        if let (Some(_), Some(t)) = (self.best, self.trust_until) {
-            if now >= t + PING_TIMEOUT {
-                self.lose_best(now);
-            }
-        }
-        if self
-            .last_data
-            .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT)
-        {
-            self.retry_call_me_maybe(now);
-        } else {
-            // Idle (or called late, past the active window): no retry is pending, so
-            // no retry deadline may stay behind. The next data send starts over.
-            self.last_cmm = None;
-            self.cmm_retry = CMM_RETRY_MIN;
-        }
-        // Heartbeat.
-        if let Some(at) = self.heartbeat_at {
-            if now >= at {
-                let active = self
-                    .last_data
-                    .is_some_and(|d| now.saturating_duration_since(d) < SESSION_ACTIVE_TIMEOUT);
-                if !active {
-                    self.heartbeat_at = None;
-                } else {
-                    if let Some(b) = self.best {
-                        self.send_ping(b.addr, now);
-                    }
-                    if self.want_full_ping(now) {
-                        self.discover(now);
-                    }
-                    self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
+            match self.phase {
+                Phase::Idle | Phase::Discovering { .. } => {
+                    self.phase = Phase::Unanswered { since: now };
                 }
+                Phase::Direct(d) if d.addr == addr && !d.trusted(now) => self.lose_direct(now),
+                Phase::Unanswered { .. } | Phase::Direct(_) | Phase::Lost { .. } => {}
             }
         }
-        self.prune(now);
     }
 
-    /// When [`PathState::handle_timeout`] should next run.
+    /// Runs the timers due at `now`, and only those: lost pings, heartbeats, the
+    /// silence check, call-me-maybe repeats, the direct path given up, candidate expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for timer in Timer::ALL {
+            if self.deadline(timer).is_some_and(|t| t <= now) {
+                self.run(timer, now);
+            }
+        }
+    }
+
+    /// When [`PathState::handle_timeout`] should next run: the earliest deadline of any
+    /// timer.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t: Option<Instant> = self.heartbeat_at;
-        let mut consider = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
-        if let Some((due, _)) = self.silence_deadline() {
-            consider(due);
-        }
-        if let Some(oldest) = self.outstanding.values().map(|(_, s)| *s).min() {
-            consider(oldest + PING_TIMEOUT);
-        }
-        if let (Some(_), Some(tu)) = (self.best, self.trust_until) {
-            consider(tu + PING_TIMEOUT);
-        }
-        // The call-me-maybe retry, under exactly the conditions `handle_timeout` retries
-        // in (no direct path, something to ping, a relay, the session still active):
-        // a deadline that `handle_timeout` would not act on would come back forever.
-        if let (None, true, Some(c), Some(d)) =
-            (self.best, self.has_relay, self.last_cmm, self.last_data)
-        {
-            let due = c + self.cmm_retry;
-            if !self.candidates.is_empty() && due < d + SESSION_ACTIVE_TIMEOUT {
-                consider(due);
-            }
-        }
-        let best = self.best.map(|b| b.addr);
-        for (a, c) in &self.candidates {
-            // The best path is kept past its expiry (`prune`), so it has no deadline here.
-            if Some(*a) == best {
-                continue;
-            }
-            if let (Some(p), false, false) = (
-                c.sources.pinged_us,
-                c.sources.netmap,
-                c.sources.call_me_maybe,
-            ) {
-                consider(p + SESSION_ACTIVE_TIMEOUT);
-            }
-        }
-        t
+        Timer::ALL
+            .into_iter()
+            .filter_map(|t| self.deadline(t))
+            .min()
     }
 
     /// The next thing to do.

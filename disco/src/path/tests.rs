@@ -764,6 +764,11 @@ fn timers_always_move_forward_under_random_events() {
             }
             if p.poll_timeout().is_some_and(|t| t <= now) {
                 p.handle_timeout(now);
+            } else {
+                // Nothing due: running the timers anyway changes nothing.
+                let before = format!("{p:?}");
+                p.handle_timeout(now);
+                assert_eq!(before, format!("{p:?}"), "seed {seed}: ran a timer not due");
             }
             assert!(
                 p.poll_timeout().is_none_or(|t| t > now),
@@ -783,4 +788,132 @@ fn timers_always_move_forward_under_random_events() {
             }
         }
     }
+}
+
+/// Random inputs with time advanced to exactly each deadline in turn, as the agent's
+/// loop does: after `handle_timeout(now)` no timer is due at or before `now` (each due
+/// one was acted on: moved past `now` or disarmed), and every timer gets its turn.
+#[test]
+fn each_due_deadline_is_acted_on_and_the_others_are_left_alone() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let t0 = Instant::now();
+    let pool: Vec<SocketAddr> = [
+        "198.51.100.2:41641",
+        "203.0.113.9:41641",
+        "10.0.0.5:41641",
+        "[2001:db8::7]:41641",
+    ]
+    .iter()
+    .map(|a| addr(a))
+    .collect();
+    let mut ran = [0usize; Timer::ALL.len()];
+    for seed in 0..48u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut p = PathState::new(seed, t0);
+        p.set_relay(true);
+        p.set_endpoints(&pool[..2], t0);
+        let mut now = t0;
+        let mut wire: Vec<(Instant, SocketAddr, TxId)> = Vec::new();
+        let mut event_at = t0;
+        for _ in 0..300 {
+            // Either the next deadline or the next event, whichever comes first.
+            match p.poll_timeout() {
+                Some(t) if t <= event_at => now = now.max(t),
+                _ => {
+                    now = event_at;
+                    // Sometimes a long quiet spell, so that sessions go idle.
+                    event_at = now
+                        + if rng.gen_bool(0.1) {
+                            Duration::from_secs(rng.gen_range(30..120))
+                        } else {
+                            ms(rng.gen_range(0..4000))
+                        };
+                    match rng.gen_range(0..8) {
+                        0..=3 => {
+                            p.on_data_sent(now);
+                        }
+                        4 => p.on_call_me_maybe(&pool[rng.gen_range(0..pool.len())..], now),
+                        5 => {
+                            p.on_ping(Via::Udp(pool[rng.gen_range(0..pool.len())]), rng.gen(), now)
+                        }
+                        6 => p.on_heard_direct(now),
+                        _ => p.set_relay(rng.gen_bool(0.8)),
+                    }
+                }
+            }
+            wire.sort_by_key(|w| w.0);
+            while wire.first().is_some_and(|w| w.0 <= now) {
+                let (_, to, tx) = wire.remove(0);
+                p.on_pong(to, tx, to, now);
+            }
+            let before: Vec<Option<Instant>> = Timer::ALL.iter().map(|t| p.deadline(*t)).collect();
+            p.handle_timeout(now);
+            for (i, timer) in Timer::ALL.iter().enumerate() {
+                let after = p.deadline(*timer);
+                assert!(
+                    after.is_none_or(|t| t > now),
+                    "seed {seed}: {timer:?} still due at {:?}",
+                    now - t0
+                );
+                if before[i].is_some_and(|t| t <= now) {
+                    ran[i] += 1;
+                }
+            }
+            let (pings, _, _) = drain(&mut p);
+            for (to, tx) in pings {
+                if rng.gen_bool(0.6) {
+                    wire.push((now + ms(rng.gen_range(1..80)), to, tx));
+                }
+            }
+        }
+    }
+    // Every timer was exercised.
+    for (timer, n) in Timer::ALL.iter().zip(ran) {
+        assert!(n > 0, "{timer:?} never ran: {ran:?}");
+    }
+}
+
+#[test]
+fn status_follows_the_phase_from_idle_to_lost() {
+    let t0 = Instant::now();
+    let ep = addr("198.51.100.2:41641");
+    let mut p = peer(&["198.51.100.2:41641"], t0);
+    assert_eq!(p.reason(t0), PathReason::Idle);
+    p.on_data_sent(t0);
+    drain(&mut p);
+    assert_eq!(p.reason(t0), PathReason::Discovering { since: t0 });
+    // The ping is lost.
+    let t1 = t0 + PING_TIMEOUT;
+    p.handle_timeout(t1);
+    assert_eq!(p.reason(t1), PathReason::PingsUnanswered { since: t1 });
+    // A new one is answered.
+    p.on_data_sent(t1);
+    let (pings, _, _) = drain(&mut p);
+    answer(&mut p, &pings, &[(ep, ms(10))], t1);
+    let t2 = t1 + ms(10);
+    assert_eq!(
+        p.reason(t2),
+        PathReason::Direct {
+            addr: ep,
+            latency: ms(10),
+            trusted: true
+        }
+    );
+    // Then nothing answers any more: the path is given up when a heartbeat to it is
+    // lost after its trust ran out, a ping timeout after that at the latest.
+    let mut now = t2;
+    while let Some(t) = p.poll_timeout() {
+        if p.path() == Path::Relay {
+            break;
+        }
+        now = t;
+        p.handle_timeout(now);
+        drain(&mut p);
+    }
+    assert!(now > t2 + TRUST_UDP_ADDR && now <= t2 + TRUST_UDP_ADDR + PING_TIMEOUT);
+    assert_eq!(p.reason(now), PathReason::DirectLost { at: now });
+    // Without candidates the reason says so, whatever the phase.
+    p.set_endpoints(&[], now);
+    assert_eq!(p.reason(now), PathReason::NoEndpoints);
 }
