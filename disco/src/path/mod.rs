@@ -624,6 +624,15 @@ impl PathState {
             None => true,
             Some(d) if d.addr == to => false,
             Some(_) if !self.trusted(now) => true,
+            // The path went quiet while data went out, and its probe is unanswered,
+            // while this one answers: take it now, not when the quiet path's trust runs
+            // out.
+            Some(d)
+                if matches!(self.silence(), Some(Silence::DistrustAt(_)))
+                    && now >= d.last_heard + SILENCE_PROBE_AFTER =>
+            {
+                true
+            }
             Some(d) => score::beats(
                 challenger,
                 Contender {
@@ -805,6 +814,13 @@ impl PathState {
                     // repeat).
                     d.trust_until = due;
                     self.counters.silence_distrusted += 1;
+                    // Look for another way at once rather than at the next 5 s round:
+                    // after a NAT rebinding the peer's new address is often a candidate
+                    // already (from its call-me-maybe), and its first pong takes over.
+                    for c in self.candidates.values_mut() {
+                        c.last_ping_sent = None;
+                    }
+                    self.discover(now);
                 }
             }
             Timer::PingTimeout => self.expire_pings(now),

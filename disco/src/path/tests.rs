@@ -641,6 +641,54 @@ fn ping_learned_best_path_outlives_45s_without_a_stale_timer() {
     assert_eq!(p.path(), Path::Direct(from));
 }
 
+/// The peer's NAT moved it: the trusted path goes quiet while its new address (from
+/// its call-me-maybe) answers. The new address takes over once the quiet path's probe is
+/// out and unanswered, not at the next 5 s discovery round; before that, a trusted path
+/// with no sign of trouble stays.
+#[test]
+fn a_quiet_path_gives_way_to_a_candidate_that_answers() {
+    let t0 = Instant::now();
+    let old = addr("198.51.100.2:41641");
+    let new = addr("198.51.100.2:40000");
+    let mut p = peer(&["198.51.100.2:41641"], t0);
+    p.on_data_sent(t0);
+    let (pings, _, _) = drain(&mut p);
+    answer(&mut p, &pings, &[(old, ms(10))], t0);
+    drain(&mut p);
+    // Traffic flows both ways until t1, then nothing comes back from `old`.
+    let t1 = t0 + ms(1000);
+    p.on_heard_direct(t1);
+    // The peer announces its new address while our path is still trusted: it is pinged
+    // and answers, and the trusted path stays.
+    let t2 = t1 + ms(300);
+    p.on_data_sent(t2);
+    p.on_call_me_maybe(&[new], t2);
+    let (pings, _, _) = drain(&mut p);
+    answer(&mut p, &pings, &[(new, ms(10))], t2);
+    drain(&mut p);
+    assert_eq!(p.path(), Path::Direct(old));
+    // Data keeps going out, `new` answers every ping and `old` none: `new` is the path
+    // soon after the silence probe, well before the quiet path's trust would run out.
+    let mut now = t2;
+    while p.path() != Path::Direct(new) {
+        now += ms(50);
+        assert!(
+            now <= t1 + SILENCE_PROBE_AFTER + SILENCE_PROBE_WAIT + ms(100),
+            "still on {:?} {:?} after the old path went quiet",
+            p.path(),
+            now - t1
+        );
+        p.on_data_sent(now);
+        p.handle_timeout(now);
+        let (pings, _, _) = drain(&mut p);
+        answer(&mut p, &pings, &[(new, ms(10))], now);
+    }
+    eprintln!(
+        "the new address took over {:?} after the old path went quiet",
+        now - t1
+    );
+}
+
 #[test]
 fn our_new_endpoints_are_announced_at_once_even_over_a_trusted_path() {
     let t0 = Instant::now();
