@@ -18,7 +18,7 @@ use control::session::{ControlSession, SessionConfig, SessionState};
 use netcheck::{Netchecker, PortMapper, Report, StunInbox};
 use proto::netmap::NetMap;
 use proto::tailcfg::Hostinfo;
-use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
+use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
 use rand::Rng as _;
 use relay::client::RelayEvent;
 use tokio::net::UdpSocket;
@@ -282,7 +282,7 @@ struct Engine {
     session: Option<ControlSession>,
     session_cfg: SessionConfig,
     relays: Relays,
-    relay_rx: mpsc::Receiver<(i32, RelayEvent)>,
+    relay_rx: mpsc::Receiver<(RegionId, RelayEvent)>,
     peers: BTreeMap<NodePublic, Peer>,
     by_index: BTreeMap<u32, NodePublic>,
     by_disco: BTreeMap<DiscoPublic, NodePublic>,
@@ -296,7 +296,8 @@ struct Engine {
     tun_write: SendBatch,
     endpoints: Vec<SocketAddr>,
     heard: HeardMap,
-    reported_home: i32,
+    /// The home region control was told of.
+    reported_home: Option<RegionId>,
     /// Peers whose disco state changed since the last `drive_peers` pass.
     dirty: std::collections::BTreeSet<NodePublic>,
     /// The earliest disco timer of any peer, as of the last `drive_peers` pass.
@@ -305,7 +306,7 @@ struct Engine {
     stalled: std::collections::BTreeSet<NodePublic>,
     /// Updates for control not handed over yet (see `push_to_control`).
     pending_endpoints: Option<Vec<String>>,
-    pending_home: Option<i32>,
+    pending_home: Option<RegionId>,
     control_url: String,
     /// `agentctl ping`s waiting for their pong: sent at, reply, peer.
     api_waiters: BTreeMap<disco::TxId, ApiWaiter>,
@@ -368,7 +369,7 @@ impl Engine {
             tun_write: SendBatch::default(),
             endpoints: Vec::new(),
             heard: Arc::default(),
-            reported_home: 0,
+            reported_home: None,
             dirty: Default::default(),
             next_peer_wake: None,
             stalled: Default::default(),
@@ -823,7 +824,7 @@ impl Engine {
                 continue;
             }
             seen.insert(node.key);
-            tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
+            tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = ?node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
             match self.peers.get_mut(&node.key) {
                 Some(p) => {
                     p.update(node, &self.disco, now);
@@ -895,7 +896,7 @@ impl Engine {
         self.by_disco.clear();
         self.routes = RouteTable::default();
         self.relays.close_all();
-        self.reported_home = 0;
+        self.reported_home = None;
         self.pending_endpoints = None;
         self.pending_home = None;
         self.netmap = None;
@@ -909,9 +910,11 @@ impl Engine {
             // Down: measure, but connect to nothing.
             return;
         }
-        if report.preferred_relay != 0 && self.relays.home() != Some(report.preferred_relay) {
-            tracing::info!(region = report.preferred_relay, "home relay region");
-            self.relays.set_home(report.preferred_relay);
+        if let Some(home) = RegionId::new(report.preferred_relay) {
+            if self.relays.home() != Some(home) {
+                tracing::info!(region = %home, "home relay region");
+                self.relays.set_home(home);
+            }
         }
         self.report_home().await;
         self.update_endpoints(report, ext).await;
@@ -971,7 +974,8 @@ impl Engine {
         let (udp, relay) = p.send_targets(now);
         let region = p.home_region;
         self.dirty.insert(key);
-        if udp.is_none() && !(relay && region > 0) {
+        let relay_region = region.filter(|_| relay);
+        if udp.is_none() && relay_region.is_none() {
             let _ = tx.send(Err(PingError::NotYet(
                 "no path to the peer yet (no relay, no direct address)".into(),
             )));
@@ -986,7 +990,7 @@ impl Engine {
                 });
             }
         }
-        if relay && region > 0 {
+        if let Some(region) = relay_region {
             self.relays.send(region, key, Bytes::from(packet), now);
         }
     }
@@ -997,7 +1001,7 @@ impl Engine {
             return;
         };
         let pongs: Vec<_> = p.api_pongs.drain(..).collect();
-        let (name, home) = (p.name.trim_end_matches('.').to_string(), p.home_region);
+        let name = p.name.trim_end_matches('.').to_string();
         let address = self
             .netmap
             .as_ref()
@@ -1023,8 +1027,8 @@ impl Engine {
                     peer: name.clone(),
                     address: address.clone(),
                     via: PingVia::Relay,
-                    relay_region: Some(if r > 0 { r } else { home }),
-                    relay_region_name: self.region_name(if r > 0 { r } else { home }),
+                    relay_region: Some(r.get()),
+                    relay_region_name: self.region_name(r),
                     latency_ms,
                     ..Default::default()
                 },
@@ -1054,8 +1058,8 @@ impl Engine {
         }
     }
 
-    fn region_name(&self, region: i32) -> Option<String> {
-        self.relays.map().regions.get(&region).map(|r| {
+    fn region_name(&self, region: RegionId) -> Option<String> {
+        self.relays.map().regions.get(&region.get()).map(|r| {
             if r.region_name.is_empty() {
                 r.region_code.clone()
             } else {
@@ -1080,7 +1084,7 @@ impl Engine {
     ) -> proto::localapi::PeerStatus {
         let (hs, tx, rx) = p.wg.stats();
         let targets = p.path.send_targets(now);
-        let path = match (targets.udp, p.home_region > 0) {
+        let path = match (targets.udp, p.home_region.is_some()) {
             (Some(_), _) => PeerPath::Direct,
             (None, true) => PeerPath::Relay,
             (None, false) => PeerPath::None,
@@ -1100,8 +1104,8 @@ impl Engine {
             online: node.and_then(|n| n.online),
             path,
             direct: targets.udp.map(|a| a.to_string()),
-            relay_region: (p.home_region > 0).then_some(p.home_region),
-            relay_region_name: self.region_name(p.home_region),
+            relay_region: p.home_region.map(RegionId::get),
+            relay_region_name: p.home_region.and_then(|r| self.region_name(r)),
             reason,
             last_handshake_secs: hs.map(|d| d.as_secs_f64()),
             rx_bytes: rx as u64,
@@ -1146,12 +1150,12 @@ impl Engine {
                 addresses: me.map(|n| n.addresses.clone()).unwrap_or_default(),
                 os: std::env::consts::OS.into(),
                 endpoints: self.endpoints.iter().map(|e| e.to_string()).collect(),
-                home_region: home,
+                home_region: home.map(RegionId::get),
                 home_region_name: home.and_then(|h| self.region_name(h)),
                 home_latency_ms: home.and_then(|h| {
                     self.last_report
                         .as_ref()
-                        .and_then(|r| r.region_latency.get(&h))
+                        .and_then(|r| r.region_latency.get(&h.get()))
                         .map(|d| d.as_secs_f64() * 1000.0)
                 }),
                 tun: self.tun.as_ref().map(|t| t.name().to_string()),
@@ -1205,8 +1209,8 @@ impl Engine {
         let Some(home) = self.relays.home() else {
             return;
         };
-        if self.reported_home != home && self.relays.connected(home) {
-            self.reported_home = home;
+        if self.reported_home != Some(home) && self.relays.connected(home) {
+            self.reported_home = Some(home);
             self.pending_home = Some(home);
             self.push_to_control();
         }
@@ -1313,7 +1317,7 @@ impl Engine {
         if let Some(addr) = udp {
             sent = self.queue_udp(addr, datagram).await;
         }
-        if (relay || !sent) && region > 0 {
+        if let Some(region) = region.filter(|_| relay || !sent) {
             sent |= self
                 .relays
                 .send(region, key, Bytes::copy_from_slice(datagram), now);
@@ -1329,7 +1333,7 @@ impl Engine {
             } else {
                 self.counters.stalled_dropped += 1;
             }
-            tracing::debug!(peer = %key.short(), region, held, "no path to peer yet");
+            tracing::debug!(peer = %key.short(), ?region, held, "no path to peer yet");
         }
     }
 
@@ -1411,7 +1415,8 @@ impl Engine {
                 return false; // gone, or its packets went another way
             };
             let has_path = p.path.send_targets(now).udp.is_some()
-                || self.relays.map().regions.contains_key(&p.home_region);
+                || p.home_region
+                    .is_some_and(|r| self.relays.map().regions.contains_key(&r.get()));
             if has_path {
                 ready.push(*k);
             }
@@ -1439,7 +1444,7 @@ impl Engine {
         }
     }
 
-    async fn on_relay_event(&mut self, region: i32, ev: RelayEvent) {
+    async fn on_relay_event(&mut self, region: RegionId, ev: RelayEvent) {
         let now = Instant::now();
         self.relays.note_event(region, &ev, now);
         if matches!(ev, RelayEvent::Connected { .. }) {
@@ -1448,7 +1453,7 @@ impl Engine {
             for (k, p) in self
                 .peers
                 .iter_mut()
-                .filter(|(_, p)| p.home_region == region)
+                .filter(|(_, p)| p.home_region == Some(region))
             {
                 p.path.rediscover(now);
                 self.dirty.insert(*k);
@@ -1647,14 +1652,13 @@ impl Engine {
         if std::mem::take(&mut p.path_quiet) {
             self.restun_wanted = true;
         }
-        let region = p.home_region;
         for e in out {
             match &e {
                 PeerEvent::SendUdp { to, .. } => {
                     tracing::debug!(peer = %key.short(), %to, "disco ping")
                 }
-                PeerEvent::SendRelay { .. } => {
-                    tracing::debug!(peer = %key.short(), region, "disco via relay")
+                PeerEvent::SendRelay { region, .. } => {
+                    tracing::debug!(peer = %key.short(), %region, "disco via relay")
                 }
             }
             match e {
@@ -1663,11 +1667,8 @@ impl Engine {
                         let _ = sock.send_to(&packet, to).await;
                     }
                 }
-                PeerEvent::SendRelay { region: r, packet } => {
-                    let r = if r > 0 { r } else { region };
-                    if r > 0 {
-                        self.relays.send(r, key, Bytes::from(packet), now);
-                    }
+                PeerEvent::SendRelay { region, packet } => {
+                    self.relays.send(region, key, Bytes::from(packet), now);
                 }
             }
         }
@@ -1682,7 +1683,7 @@ impl Engine {
     fn sync_heard(&self) {
         if let Ok(mut h) = self.heard.lock() {
             for region in self.relays.map().regions.keys() {
-                if let Some(t) = self.relays.last_heard(*region) {
+                if let Some(t) = RegionId::new(*region).and_then(|r| self.relays.last_heard(r)) {
                     h.insert(*region, t);
                 }
             }

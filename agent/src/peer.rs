@@ -7,19 +7,13 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use disco::path::{Action, PathState, Via as PathVia};
+pub use disco::path::Via;
+use disco::path::{Action, PathState};
 use disco::{DiscoBox, Message};
 use proto::tailcfg::Node;
-use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic};
+use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
 
 use crate::wg::WgPeer;
-
-/// Where a disco message came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
-    Udp(SocketAddr),
-    Relay(i32),
-}
 
 /// Something the engine must send for this peer.
 #[derive(Debug)]
@@ -28,9 +22,9 @@ pub enum PeerEvent {
         to: SocketAddr,
         packet: Vec<u8>,
     },
-    /// Through the relay region (0 = the peer's home region).
+    /// Through this relay region.
     SendRelay {
-        region: i32,
+        region: RegionId,
         packet: Vec<u8>,
     },
 }
@@ -57,7 +51,8 @@ pub struct Peer {
     disco_box: Option<DiscoBox>,
     pub path: PathState,
     pub allowed_ips: Vec<String>,
-    pub home_region: i32,
+    /// The peer's home relay region, if it has one yet.
+    pub home_region: Option<RegionId>,
     pub name: String,
     /// Pongs to send, and where.
     pending: VecDeque<(Via, Message)>,
@@ -104,7 +99,7 @@ impl Peer {
     ) -> Self {
         let mut path = PathState::new(rand::random(), now);
         path.set_endpoints(&endpoints(node), now);
-        path.set_relay(node.home_region() > 0);
+        path.set_relay(node.home_region().is_some());
         Peer {
             key: node.key,
             index,
@@ -138,7 +133,7 @@ impl Peer {
         let changed = node.home_region() != self.home_region
             || eps.iter().any(|e| !known.iter().any(|(a, _)| a == e));
         self.path.set_endpoints(&eps, now);
-        self.path.set_relay(node.home_region() > 0);
+        self.path.set_relay(node.home_region().is_some());
         self.allowed_ips = node.routes().to_vec();
         self.home_region = node.home_region();
         if changed {
@@ -195,18 +190,14 @@ impl Peer {
                     Via::Udp(a) => a,
                     // Over a relay the "source" is the relay's magic address.
                     Via::Relay(r) => {
-                        SocketAddr::from(([127, 3, 3, 40], u16::try_from(r).unwrap_or(0)))
+                        SocketAddr::from(([127, 3, 3, 40], u16::try_from(r.get()).unwrap_or(0)))
                     }
                 };
                 // The pong goes back the way the ping came.
                 if self.pending.len() < MAX_PENDING {
                     self.pending.push_back((via, Message::Pong { tx_id, src }));
                 }
-                let pv = match via {
-                    Via::Udp(a) => PathVia::Udp(a),
-                    Via::Relay(r) => PathVia::Relay(r),
-                };
-                self.path.on_ping(pv, tx_id, now);
+                self.path.on_ping(via, tx_id, now);
             }
             Message::Pong { tx_id, src } => {
                 if self.api_pings.remove(&tx_id) {
@@ -283,11 +274,16 @@ impl Peer {
                     });
                 }
                 Action::SendCallMeMaybe => {
+                    // Through the peer's home relay; path selection asks only when
+                    // there is one (`set_relay`).
+                    let Some(region) = self.home_region else {
+                        continue;
+                    };
                     let msg = Message::CallMeMaybe {
                         endpoints: my_endpoints.to_vec(),
                     };
                     return Some(PeerEvent::SendRelay {
-                        region: 0,
+                        region,
                         packet: bx.seal(my_disco, &msg),
                     });
                 }
@@ -307,6 +303,10 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn region(id: i32) -> RegionId {
+        RegionId::new(id).expect("a region ID is positive")
+    }
 
     struct Pair {
         me: NodePrivate,
@@ -341,13 +341,13 @@ mod tests {
         p: &Pair,
         peer: &mut Peer,
         eps: &[SocketAddr],
-    ) -> Vec<(Option<SocketAddr>, i32, Message)> {
+    ) -> Vec<(Option<SocketAddr>, Option<RegionId>, Message)> {
         let their_box = DiscoBox::new(&p.their_disco, &p.my_disco.public());
         let mut out = Vec::new();
         while let Some(e) = peer.poll_event(&p.my_disco.public(), &p.me.public(), eps) {
             let (to, region, packet) = match e {
-                PeerEvent::SendUdp { to, packet } => (Some(to), 0, packet),
-                PeerEvent::SendRelay { region, packet } => (None, region, packet),
+                PeerEvent::SendUdp { to, packet } => (Some(to), None, packet),
+                PeerEvent::SendRelay { region, packet } => (None, Some(region), packet),
             };
             out.push((to, region, their_box.open(&packet).expect("opens")));
         }
@@ -376,7 +376,7 @@ mod tests {
             out[0],
             (
                 Some(from),
-                0,
+                None,
                 Message::Pong {
                     tx_id: [5; 12],
                     src: from
@@ -390,7 +390,7 @@ mod tests {
         // magic address as the source.
         peer.handle_disco(
             &from_them(&p, &ping),
-            Via::Relay(902),
+            Via::Relay(region(902)),
             Some(p.them.public()),
             now,
         )
@@ -400,7 +400,7 @@ mod tests {
             out,
             vec![(
                 None,
-                902,
+                Some(region(902)),
                 Message::Pong {
                     tx_id: [5; 12],
                     src: "127.3.3.40:902".parse().unwrap()
@@ -429,11 +429,11 @@ mod tests {
         );
         let stranger = NodePrivate::generate().public();
         assert_eq!(
-            peer.handle_disco(&cmm, Via::Relay(901), Some(stranger), now),
+            peer.handle_disco(&cmm, Via::Relay(region(901)), Some(stranger), now),
             Err(DiscoDrop::CallMeMaybeNotViaRelay)
         );
         assert!(sent(&p, &mut peer, &[]).is_empty(), "nothing pinged");
-        peer.handle_disco(&cmm, Via::Relay(901), Some(p.them.public()), now)
+        peer.handle_disco(&cmm, Via::Relay(region(901)), Some(p.them.public()), now)
             .unwrap();
         let out = sent(&p, &mut peer, &[]);
         assert!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::relaymap::RelayMap;
-use proto::{NodePrivate, NodePublic};
+use proto::{NodePrivate, NodePublic, RegionId};
 use relay::client::{DisconnectReason, RelayClient, RelayClientConfig, RelayEvent, RelayTarget};
 use tokio::sync::mpsc;
 
@@ -84,10 +84,10 @@ impl RelayCounters {
 pub struct Relays {
     key: NodePrivate,
     map: RelayMap,
-    home: Option<i32>,
-    conns: BTreeMap<i32, Conn>,
-    last_heard: BTreeMap<i32, Instant>,
-    events_tx: mpsc::Sender<(i32, RelayEvent)>,
+    home: Option<RegionId>,
+    conns: BTreeMap<RegionId, Conn>,
+    last_heard: BTreeMap<RegionId, Instant>,
+    events_tx: mpsc::Sender<(RegionId, RelayEvent)>,
     pub counters: RelayCounters,
 }
 
@@ -102,9 +102,9 @@ impl std::fmt::Debug for Relays {
 
 /// The connection targets of a region: its nodes that are not STUN-only, in map order
 /// (the first is preferred; the others are the failover order).
-fn targets(map: &RelayMap, region: i32) -> Vec<RelayTarget> {
+fn targets(map: &RelayMap, region: RegionId) -> Vec<RelayTarget> {
     map.regions
-        .get(&region)
+        .get(&region.get())
         .map(|r| {
             r.nodes
                 .iter()
@@ -116,7 +116,7 @@ fn targets(map: &RelayMap, region: i32) -> Vec<RelayTarget> {
 }
 
 impl Relays {
-    pub fn new(key: NodePrivate) -> (Self, mpsc::Receiver<(i32, RelayEvent)>) {
+    pub fn new(key: NodePrivate) -> (Self, mpsc::Receiver<(RegionId, RelayEvent)>) {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         (
             Relays {
@@ -140,8 +140,12 @@ impl Relays {
         }
         let old = std::mem::replace(&mut self.map, map);
         self.conns.retain(|region, _| {
-            let before = old.regions.get(region).and_then(|r| r.nodes.first());
-            let now = self.map.regions.get(region).and_then(|r| r.nodes.first());
+            let before = old.regions.get(&region.get()).and_then(|r| r.nodes.first());
+            let now = self
+                .map
+                .regions
+                .get(&region.get())
+                .and_then(|r| r.nodes.first());
             before == now && now.is_some()
         });
         if let Some(h) = self.home {
@@ -153,12 +157,12 @@ impl Relays {
         &self.map
     }
 
-    pub fn home(&self) -> Option<i32> {
+    pub fn home(&self) -> Option<RegionId> {
         self.home
     }
 
     /// Makes `region` the home: connected, marked preferred; the old home unmarked.
-    pub fn set_home(&mut self, region: i32) {
+    pub fn set_home(&mut self, region: RegionId) {
         if self.home == Some(region) {
             return;
         }
@@ -178,7 +182,7 @@ impl Relays {
         }
     }
 
-    fn ensure(&mut self, region: i32) -> bool {
+    fn ensure(&mut self, region: RegionId) -> bool {
         if self.conns.contains_key(&region) {
             return true;
         }
@@ -201,7 +205,7 @@ impl Relays {
                 }
             }
         });
-        tracing::info!(region, "relay connection opened");
+        tracing::info!(region = %region, "relay connection opened");
         self.counters.opened += 1;
         self.conns.insert(
             region,
@@ -217,7 +221,13 @@ impl Relays {
     }
 
     /// Sends `payload` to `dst` through `region`, opening the connection if needed.
-    pub fn send(&mut self, region: i32, dst: NodePublic, payload: Bytes, now: Instant) -> bool {
+    pub fn send(
+        &mut self,
+        region: RegionId,
+        dst: NodePublic,
+        payload: Bytes,
+        now: Instant,
+    ) -> bool {
         if !self.ensure(region) {
             self.counters.dropped_no_region += 1;
             return false;
@@ -239,7 +249,7 @@ impl Relays {
     }
 
     /// Notes an event from `region` (for "heard from recently" and connection state).
-    pub fn note_event(&mut self, region: i32, ev: &RelayEvent, now: Instant) {
+    pub fn note_event(&mut self, region: RegionId, ev: &RelayEvent, now: Instant) {
         match ev {
             RelayEvent::Connected { remote, .. } => {
                 let mut previous = None;
@@ -252,9 +262,9 @@ impl Relays {
                         self.counters.node_changes += 1;
                         // Same message as a first connect (tests and people grep for it),
                         // plus the node it left.
-                        tracing::info!(region, addr = %remote, moved_from = %previous, "relay connected");
+                        tracing::info!(region = %region, addr = %remote, moved_from = %previous, "relay connected");
                     }
-                    None => tracing::info!(region, addr = %remote, "relay connected"),
+                    None => tracing::info!(region = %region, addr = %remote, "relay connected"),
                 }
                 self.last_heard.insert(region, now);
             }
@@ -269,7 +279,7 @@ impl Relays {
                 if let Some(i) = DisconnectReason::ALL.iter().position(|r| r == reason) {
                     self.counters.lost[i] += 1;
                 }
-                tracing::info!(region, %reason, %error, ?retry_in, "relay disconnected");
+                tracing::info!(region = %region, %reason, %error, ?retry_in, "relay disconnected");
             }
             _ => {
                 self.last_heard.insert(region, now);
@@ -278,12 +288,12 @@ impl Relays {
     }
 
     /// When a frame last arrived from `region`.
-    pub fn last_heard(&self, region: i32) -> Option<Instant> {
+    pub fn last_heard(&self, region: RegionId) -> Option<Instant> {
         self.last_heard.get(&region).copied()
     }
 
     /// Whether the connection to `region` is up.
-    pub fn connected(&self, region: i32) -> bool {
+    pub fn connected(&self, region: RegionId) -> bool {
         self.conns.get(&region).is_some_and(|c| c.connected)
     }
 
@@ -311,6 +321,10 @@ impl Relays {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn region(id: i32) -> RegionId {
+        RegionId::new(id).expect("a region ID is positive")
+    }
     use proto::relaymap::{RelayNode, RelayRegion};
 
     /// A loopback port nothing listens on (the connections keep retrying; what is
@@ -352,22 +366,25 @@ mod tests {
         let (mut r, _events) = Relays::new(NodePrivate::generate());
         let port = closed_port();
         r.set_map(map(&[901, 902], port));
-        r.set_home(901);
+        r.set_home(region(901));
         assert_eq!(r.counters.opened, 1);
         let peer = NodePrivate::generate().public();
         let t0 = Instant::now();
         // A peer homed elsewhere: that region is opened on demand.
-        assert!(r.send(902, peer, Bytes::from_static(b"x"), t0));
+        assert!(r.send(region(902), peer, Bytes::from_static(b"x"), t0));
         assert_eq!(r.counters.opened, 2);
-        assert!(r.send(902, peer, Bytes::from_static(b"y"), t0));
+        assert!(r.send(region(902), peer, Bytes::from_static(b"y"), t0));
         assert_eq!(r.counters.opened, 2, "one connection per region");
         r.close_idle(t0 + IDLE_CLOSE / 2);
         assert_eq!(r.counters.closed_idle, 0);
         r.close_idle(t0 + IDLE_CLOSE + Duration::from_secs(1));
         assert_eq!(r.counters.closed_idle, 1, "902 closed");
-        assert_eq!(r.conns.keys().copied().collect::<Vec<_>>(), vec![901]);
+        assert_eq!(
+            r.conns.keys().copied().collect::<Vec<_>>(),
+            vec![region(901)]
+        );
         // Writing to it again opens it again.
-        assert!(r.send(902, peer, Bytes::from_static(b"z"), t0));
+        assert!(r.send(region(902), peer, Bytes::from_static(b"z"), t0));
         assert_eq!(r.counters.opened, 3);
     }
 
@@ -376,13 +393,16 @@ mod tests {
         let (mut r, _events) = Relays::new(NodePrivate::generate());
         let port = closed_port();
         r.set_map(map(&[901, 902], port));
-        r.set_home(901);
+        r.set_home(region(901));
         let peer = NodePrivate::generate().public();
-        assert!(!r.send(999, peer, Bytes::from_static(b"x"), Instant::now()));
+        assert!(!r.send(region(999), peer, Bytes::from_static(b"x"), Instant::now()));
         assert_eq!(r.counters.dropped_no_region, 1);
-        assert!(r.send(902, peer, Bytes::from_static(b"x"), Instant::now()));
+        assert!(r.send(region(902), peer, Bytes::from_static(b"x"), Instant::now()));
         r.set_map(map(&[902], port));
-        assert_eq!(r.conns.keys().copied().collect::<Vec<_>>(), vec![902]);
+        assert_eq!(
+            r.conns.keys().copied().collect::<Vec<_>>(),
+            vec![region(902)]
+        );
         r.close_all();
         assert!(r.conns.is_empty());
         assert_eq!(r.home(), None);
@@ -392,22 +412,22 @@ mod tests {
     async fn lost_connections_are_counted_by_reason_and_a_move_to_another_node_is_noted() {
         let (mut r, _events) = Relays::new(NodePrivate::generate());
         r.set_map(map(&[901], closed_port()));
-        r.set_home(901);
+        r.set_home(region(901));
         let now = Instant::now();
         let server_key = NodePrivate::generate().public();
         let a: SocketAddr = "203.0.113.10:443".parse().unwrap();
         let b: SocketAddr = "203.0.113.11:443".parse().unwrap();
         r.note_event(
-            901,
+            region(901),
             &RelayEvent::Connected {
                 server_key,
                 remote: a,
             },
             now,
         );
-        assert!(r.connected(901));
+        assert!(r.connected(region(901)));
         r.note_event(
-            901,
+            region(901),
             &RelayEvent::Disconnected {
                 reason: DisconnectReason::DeadSilent,
                 error: "nothing heard".into(),
@@ -415,9 +435,9 @@ mod tests {
             },
             now,
         );
-        assert!(!r.connected(901));
+        assert!(!r.connected(region(901)));
         r.note_event(
-            901,
+            region(901),
             &RelayEvent::Connected {
                 server_key,
                 remote: b,
@@ -436,7 +456,7 @@ mod tests {
         }
         // Back on the same node: not a move.
         r.note_event(
-            901,
+            region(901),
             &RelayEvent::Connected {
                 server_key,
                 remote: b,

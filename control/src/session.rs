@@ -76,7 +76,7 @@ pub enum SessionState {
 
 enum Cmd {
     Endpoints(Vec<String>),
-    HomeRegion(i32),
+    HomeRegion(proto::RegionId),
     Disco(DiscoPublic),
 }
 
@@ -88,7 +88,7 @@ impl Cmd {
                 cfg.hostinfo
                     .net_info
                     .get_or_insert_with(Default::default)
-                    .preferred_derp = r;
+                    .preferred_derp = r.get();
             }
             Cmd::Disco(d) => cfg.disco = d,
         }
@@ -137,7 +137,7 @@ impl ControlSession {
 
     /// Reports a new home relay region (`Hostinfo.NetInfo.PreferredDERP`); control
     /// republishes it to every peer as this node's `HomeDERP`.
-    pub async fn set_home_region(&self, region: i32) {
+    pub async fn set_home_region(&self, region: proto::RegionId) {
         let _ = self.cmds.send(Cmd::HomeRegion(region)).await;
     }
 
@@ -153,7 +153,7 @@ impl ControlSession {
 
     /// Like [`ControlSession::set_home_region`], without waiting (see
     /// [`ControlSession::try_set_endpoints`]).
-    pub fn try_set_home_region(&self, region: i32) -> bool {
+    pub fn try_set_home_region(&self, region: proto::RegionId) -> bool {
         !matches!(
             self.cmds.try_send(Cmd::HomeRegion(region)),
             Err(mpsc::error::TrySendError::Full(_))

@@ -218,9 +218,11 @@ async fn admin_commands_serve_restart_and_delete() {
     })
     .await;
     // So do a new home region and a new disco key.
-    a.set_home_region(901).await;
+    a.set_home_region(proto::RegionId::new(901).expect("positive"))
+        .await;
     wait_netmap(&mut b, Duration::from_secs(1), |nm| {
-        nm.peer_by_key(&pa).is_some_and(|p| p.home_region() == 901)
+        nm.peer_by_key(&pa)
+            .is_some_and(|p| p.home_region().map(proto::RegionId::get) == Some(901))
     })
     .await;
     let new_disco = proto::DiscoPrivate::generate().public();

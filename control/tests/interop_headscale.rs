@@ -350,7 +350,7 @@ async fn two_nodes_stream_each_other_and_endpoint_changes_through_headscale() {
     assert_eq!(peer_a.addresses, self_a.addresses);
     assert_eq!(peer_a.endpoints, vec!["192.0.2.1:41641".to_string()]);
     assert_eq!(peer_a.disco_key, Some(a.disco.public()));
-    assert_eq!(peer_a.home_region(), 900);
+    assert_eq!(peer_a.home_region().map(proto::RegionId::get), Some(900));
     assert_eq!(peer_a.routes(), &peer_a.addresses[..]);
 
     // A lite request with a new endpoint reaches the other node's stream.

@@ -18,4 +18,4 @@ pub use keys::{
     DiscoPrivate, DiscoPublic, KeyParseError, MachinePrivate, MachinePublic, MeshKey, NodePrivate,
     NodePublic,
 };
-pub use relaymap::{NodeAddr, RelayMap, RelayNode, RelayRegion};
+pub use relaymap::{NodeAddr, RegionId, RelayMap, RelayNode, RelayRegion};

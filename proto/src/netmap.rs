@@ -126,7 +126,10 @@ mod tests {
             online_change: [(4, true)].into_iter().collect(),
             ..Default::default()
         });
-        assert_eq!(nm.peers[&3].home_region(), 901);
+        assert_eq!(
+            nm.peers[&3].home_region().map(crate::RegionId::get),
+            Some(901)
+        );
         assert_eq!(nm.peers[&3].endpoints, vec!["192.0.2.1:41641"]);
         assert_eq!(nm.peers[&4].online, Some(true));
         // A keep-alive changes nothing.
@@ -140,13 +143,13 @@ mod tests {
     fn legacy_derp_string_and_null_allowed_ips() {
         let json = r#"{"ID":5,"Key":"nodekey:0505050505050505050505050505050505050505050505050505050505050505","DERP":"127.3.3.40:902","Addresses":["100.64.0.5/32"],"AllowedIPs":null}"#;
         let n: Node = serde_json::from_str(json).unwrap();
-        assert_eq!(n.home_region(), 902);
+        assert_eq!(n.home_region().map(crate::RegionId::get), Some(902));
         assert_eq!(n.routes(), &["100.64.0.5/32".to_string()]);
         let n: Node = serde_json::from_str(
             r#"{"ID":6,"HomeDERP":900,"DERP":"127.3.3.40:902","AllowedIPs":["10.0.0.0/8"]}"#,
         )
         .unwrap();
-        assert_eq!(n.home_region(), 900);
+        assert_eq!(n.home_region().map(crate::RegionId::get), Some(900));
         assert_eq!(n.routes(), &["10.0.0.0/8".to_string()]);
     }
 

@@ -23,6 +23,29 @@ fn is_zero_f64(v: &f64) -> bool {
     *v == 0.0
 }
 
+/// A relay region's ID. Region IDs are positive; the wire's 0 ("none") becomes `None`
+/// of an `Option<RegionId>` where it is read, so no code has to remember what 0 means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId(i32);
+
+impl RegionId {
+    /// The region `id`, or None for 0 (none) and negative numbers.
+    pub fn new(id: i32) -> Option<RegionId> {
+        (id > 0).then_some(RegionId(id))
+    }
+
+    /// The number on the wire.
+    pub fn get(self) -> i32 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for RegionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Why a relay map could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayMapError {

@@ -264,15 +264,16 @@ fn is_zero_i32(v: &i32) -> bool {
 }
 
 impl Node {
-    /// The home region from `HomeDERP`, else from the legacy `DERP` string; 0 if neither.
-    pub fn home_region(&self) -> i32 {
-        if self.home_derp != 0 {
-            return self.home_derp;
+    /// The home region from `HomeDERP`, else from the legacy `DERP` string; None if
+    /// neither names one.
+    pub fn home_region(&self) -> Option<crate::RegionId> {
+        if let Some(r) = crate::RegionId::new(self.home_derp) {
+            return Some(r);
         }
         self.legacy_derp
             .strip_prefix("127.3.3.40:")
             .and_then(|r| r.parse().ok())
-            .unwrap_or(0)
+            .and_then(crate::RegionId::new)
     }
 
     /// `AllowedIPs`, or `Addresses` when the server sent null.

@@ -35,7 +35,7 @@ use score::Contender;
 pub enum Via {
     Udp(SocketAddr),
     /// Through a relay of this region.
-    Relay(i32),
+    Relay(proto::RegionId),
 }
 
 /// The path packets to the peer take.

@@ -3,6 +3,10 @@
 
 use super::*;
 
+fn region(id: i32) -> proto::RegionId {
+    proto::RegionId::new(id).expect("a region ID is positive")
+}
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
@@ -799,7 +803,7 @@ fn timers_always_move_forward_under_random_events() {
                 3 => p.set_endpoints(&pick(&mut rng), now),
                 4 => p.on_call_me_maybe(&pick(&mut rng), now),
                 5 => p.on_ping(Via::Udp(pool[rng.gen_range(0..pool.len())]), rng.gen(), now),
-                6 => p.on_ping(Via::Relay(1), rng.gen(), now),
+                6 => p.on_ping(Via::Relay(region(1)), rng.gen(), now),
                 7 => p.set_relay(rng.gen_bool(0.8)),
                 8 => p.rediscover(now),
                 _ => {}
