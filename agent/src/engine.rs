@@ -112,6 +112,8 @@ pub struct Counters {
     pub tun_recreated: u64,
     /// Quick reports asked for because a direct path went quiet.
     pub restun_quiet_path: u64,
+    /// Entries of peers' `Addresses`/`AllowedIPs` that were not IP prefixes.
+    pub rejected_prefixes: u64,
 }
 
 impl Counters {
@@ -135,6 +137,7 @@ impl Counters {
             ("ipv6_off_dropped", self.ipv6_off_dropped),
             ("tun_recreated", self.tun_recreated),
             ("restun_quiet_path", self.restun_quiet_path),
+            ("rejected_prefixes", self.rejected_prefixes),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -700,7 +703,7 @@ impl Engine {
         let Some(me) = &nm.self_node else {
             return Ok(None);
         };
-        let (v4, v6) = tunnel_addresses(&me.addresses);
+        let (v4, v6) = me.tunnel_addresses();
         let tun = TunDevice::create(&cfg.tun_name, v4)?;
         let mut with_v6 = None;
         if let (Some(a), true) = (v6, self.ipv6.is_on()) {
@@ -791,7 +794,7 @@ impl Engine {
             .netmap
             .as_ref()
             .and_then(|nm| nm.self_node.as_ref())
-            .and_then(|me| tunnel_addresses(&me.addresses).1);
+            .and_then(|me| me.tunnel_addresses().1);
         if let (Some(tun), Some(a)) = (&self.tun, v6) {
             if let Err(e) = tun.add_v6(a) {
                 self.ipv6 = Ipv6Support::from_error(&e.op, &e.source);
@@ -824,6 +827,10 @@ impl Engine {
                 continue;
             }
             seen.insert(node.key);
+            if node.rejected_prefixes() > 0 {
+                self.counters.rejected_prefixes += node.rejected_prefixes() as u64;
+                tracing::warn!(peer = %node.key.short(), rejected = node.rejected_prefixes(), "ignoring addresses or routes of a peer that are not IP prefixes");
+            }
             tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = ?node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
             match self.peers.get_mut(&node.key) {
                 Some(p) => {
@@ -1007,7 +1014,7 @@ impl Engine {
             .as_ref()
             .and_then(|nm| nm.peer_by_key(&key))
             .and_then(|n| n.addresses.first())
-            .map(|a| a.split('/').next().unwrap_or_default().to_string())
+            .map(|a| a.addr().to_string())
             .unwrap_or_default();
         for (tx_id, via) in pongs {
             let Some((sent, tx)) = self.api_waiters.remove(&tx_id) else {
@@ -1096,7 +1103,9 @@ impl Engine {
         proto::localapi::PeerStatus {
             name: p.name.trim_end_matches('.').to_string(),
             node_key: p.key.to_string(),
-            addresses: node.map(|n| n.addresses.clone()).unwrap_or_default(),
+            addresses: node
+                .map(|n| prefix_strings(&n.addresses))
+                .unwrap_or_default(),
             os: node
                 .and_then(|n| n.hostinfo.as_ref())
                 .map(|h| h.os.clone())
@@ -1147,7 +1156,7 @@ impl Engine {
                     .map(|n| n.name.trim_end_matches('.').to_string())
                     .unwrap_or_default(),
                 node_key: self.me_pub.to_string(),
-                addresses: me.map(|n| n.addresses.clone()).unwrap_or_default(),
+                addresses: me.map(|n| prefix_strings(&n.addresses)).unwrap_or_default(),
                 os: std::env::consts::OS.into(),
                 endpoints: self.endpoints.iter().map(|e| e.to_string()).collect(),
                 home_region: home.map(RegionId::get),
@@ -1711,22 +1720,9 @@ impl Engine {
     }
 }
 
-/// The IPv4 and IPv6 tunnel addresses among a node's `Addresses` (prefixes like
-/// `100.64.0.1/32`).
-fn tunnel_addresses(
-    addresses: &[String],
-) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
-    let mut v4 = None;
-    let mut v6 = None;
-    for a in addresses {
-        let ip = a.split('/').next().unwrap_or_default();
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(x)) => v4 = v4.or(Some(x)),
-            Ok(IpAddr::V6(x)) => v6 = v6.or(Some(x)),
-            Err(_) => {}
-        }
-    }
-    (v4, v6)
+/// Prefixes in their text form, for status.
+fn prefix_strings(p: &[proto::IpNet]) -> Vec<String> {
+    p.iter().map(|n| n.to_string()).collect()
 }
 
 /// Waits for a change on `rx`; never resolves while there is no receiver (down).

@@ -50,7 +50,7 @@ pub struct Peer {
     pub disco_key: Option<DiscoPublic>,
     disco_box: Option<DiscoBox>,
     pub path: PathState,
-    pub allowed_ips: Vec<String>,
+    pub allowed_ips: Vec<proto::IpNet>,
     /// The peer's home relay region, if it has one yet.
     pub home_region: Option<RegionId>,
     pub name: String,
@@ -328,7 +328,7 @@ mod tests {
         Node {
             key: p.them.public(),
             disco_key: with_disco.then(|| p.their_disco.public()),
-            addresses: vec!["100.64.0.2/32".into()],
+            addresses: vec!["100.64.0.2/32".parse().unwrap()].into(),
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             home_derp: home,
             name: "bob.agentd.internal.".into(),

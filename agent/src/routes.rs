@@ -4,60 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use proto::NodePublic;
-
-/// An IP prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl std::str::FromStr for Prefix {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a.parse().map_err(|_| format!("bad address in {s:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match l {
-            Some(l) => l
-                .parse::<u8>()
-                .map_err(|_| format!("bad prefix length in {s:?}"))?,
-            None => max,
-        };
-        if len > max {
-            return Err(format!("prefix length too long in {s:?}"));
-        }
-        Ok(Prefix { addr, len })
-    }
-}
-
-impl Prefix {
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(p), IpAddr::V4(a)) => {
-                let mask = if self.len == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.len)
-                };
-                u32::from(p) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(p), IpAddr::V6(a)) => {
-                let mask = if self.len == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.len)
-                };
-                u128::from(p) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
+use proto::{IpNet, NodePublic};
 
 /// Destination address → peer.
 #[derive(Debug, Default, Clone)]
@@ -65,28 +12,23 @@ pub struct RouteTable {
     /// Host routes (/32, /128): the common case, one lookup.
     hosts: BTreeMap<IpAddr, NodePublic>,
     /// Wider prefixes, longest first.
-    nets: Vec<(Prefix, NodePublic)>,
+    nets: Vec<(IpNet, NodePublic)>,
 }
 
 impl RouteTable {
-    /// Builds the table from (peer, its allowed IPs). Unparsable entries are skipped.
-    pub fn build<'a>(peers: impl IntoIterator<Item = (NodePublic, &'a [String])>) -> Self {
+    /// Builds the table from (peer, its allowed IPs).
+    pub fn build<'a>(peers: impl IntoIterator<Item = (NodePublic, &'a [IpNet])>) -> Self {
         let mut t = RouteTable::default();
-        for (key, ips) in peers {
-            for s in ips {
-                let Ok(p) = s.parse::<Prefix>() else {
-                    tracing::debug!(prefix = %s, "ignoring unparsable allowed IP");
-                    continue;
-                };
-                let host = if p.addr.is_ipv4() { 32 } else { 128 };
-                if p.len == host {
-                    t.hosts.entry(p.addr).or_insert(key);
+        for (key, nets) in peers {
+            for p in nets {
+                if p.prefix_len() == p.max_prefix_len() {
+                    t.hosts.entry(p.addr()).or_insert(key);
                 } else {
-                    t.nets.push((p, key));
+                    t.nets.push((p.trunc(), key));
                 }
             }
         }
-        t.nets.sort_by_key(|n| std::cmp::Reverse(n.0.len));
+        t.nets.sort_by_key(|n| std::cmp::Reverse(n.0.prefix_len()));
         t
     }
 
@@ -97,7 +39,7 @@ impl RouteTable {
         }
         self.nets
             .iter()
-            .find(|(p, _)| p.contains(ip))
+            .find(|(p, _)| p.contains(&ip))
             .map(|(_, k)| *k)
     }
 }
@@ -131,22 +73,28 @@ pub fn source(packet: &[u8]) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
     #[test]
     fn host_routes_and_longest_prefix() {
         let a = NodePublic::from_bytes([1; 32]);
         let b = NodePublic::from_bytes([2; 32]);
-        let a_ips = ["100.64.0.1/32".to_string(), "fd7a:115c:a1e0::1/128".into()];
-        let b_ips = [
-            "100.64.0.2/32".to_string(),
-            "10.0.0.0/8".into(),
-            "10.1.0.0/16".into(),
-            "junk".into(),
-        ];
-        let t = RouteTable::build([(a, &a_ips[..]), (b, &b_ips[..])]);
+        let c = NodePublic::from_bytes([3; 32]);
+        let a_ips = nets(&["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]);
+        // A prefix written with host bits set still covers its whole network.
+        let b_ips = nets(&["100.64.0.2/32", "10.0.0.0/8", "192.168.7.99/24"]);
+        let c_ips = nets(&["100.64.0.3/32", "10.1.0.0/16"]);
+        let t = RouteTable::build([(a, &a_ips[..]), (b, &b_ips[..]), (c, &c_ips[..])]);
         assert_eq!(t.lookup("100.64.0.1".parse().unwrap()), Some(a));
         assert_eq!(t.lookup("fd7a:115c:a1e0::1".parse().unwrap()), Some(a));
-        assert_eq!(t.lookup("10.1.2.3".parse().unwrap()), Some(b));
+        assert_eq!(t.lookup("10.1.2.3".parse().unwrap()), Some(c));
+        assert_eq!(t.lookup("10.2.2.3".parse().unwrap()), Some(b));
+        assert_eq!(t.lookup("192.168.7.1".parse().unwrap()), Some(b));
         assert_eq!(t.lookup("100.64.0.9".parse().unwrap()), None);
+        // An IPv4-mapped IPv6 address is not the IPv4 address.
+        assert_eq!(t.lookup("::ffff:10.1.2.3".parse().unwrap()), None);
     }
 
     #[test]

@@ -164,7 +164,10 @@ async fn nodes_see_each_other_and_changes_arrive_within_a_second() {
     .await;
     let pa = nb.peer_by_key(&ka).unwrap();
     assert_eq!(pa.addresses, na.self_node.as_ref().unwrap().addresses);
-    assert!(pa.addresses[0].starts_with("100.64.0."), "{pa:?}");
+    assert!(
+        pa.addresses[0].to_string().starts_with("100.64.0."),
+        "{pa:?}"
+    );
     assert_eq!(pa.endpoints, vec!["192.0.2.1:41641".to_string()]);
     assert_eq!(pa.home_region().map(proto::RegionId::get), Some(900));
     assert!(na.relay_map.as_ref().unwrap().regions.contains_key(&900));

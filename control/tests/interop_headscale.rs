@@ -339,7 +339,10 @@ async fn two_nodes_stream_each_other_and_endpoint_changes_through_headscale() {
 
     let self_a = na.self_node.as_ref().unwrap();
     assert!(
-        self_a.addresses.iter().any(|a| a.starts_with("100.64.")),
+        self_a
+            .addresses
+            .iter()
+            .any(|a| a.to_string().starts_with("100.64.")),
         "{self_a:?}"
     );
     assert!(na

@@ -10,12 +10,15 @@ pub mod keys;
 pub mod localapi;
 pub mod nacl;
 pub mod netmap;
+pub mod prefix;
 pub mod relaymap;
 pub mod secretfile;
 pub mod tailcfg;
 
+pub use ipnet::IpNet;
 pub use keys::{
     DiscoPrivate, DiscoPublic, KeyParseError, MachinePrivate, MachinePublic, MeshKey, NodePrivate,
     NodePublic,
 };
+pub use prefix::Prefixes;
 pub use relaymap::{NodeAddr, RegionId, RelayMap, RelayNode, RelayRegion};

@@ -96,7 +96,7 @@ mod tests {
         Node {
             id,
             key: crate::NodePublic::from_bytes([id as u8; 32]),
-            addresses: vec![format!("100.64.0.{id}/32")],
+            addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()].into(),
             ..Default::default()
         }
     }
@@ -144,13 +144,16 @@ mod tests {
         let json = r#"{"ID":5,"Key":"nodekey:0505050505050505050505050505050505050505050505050505050505050505","DERP":"127.3.3.40:902","Addresses":["100.64.0.5/32"],"AllowedIPs":null}"#;
         let n: Node = serde_json::from_str(json).unwrap();
         assert_eq!(n.home_region().map(crate::RegionId::get), Some(902));
-        assert_eq!(n.routes(), &["100.64.0.5/32".to_string()]);
+        assert_eq!(
+            n.routes(),
+            &["100.64.0.5/32".parse::<crate::IpNet>().unwrap()]
+        );
         let n: Node = serde_json::from_str(
             r#"{"ID":6,"HomeDERP":900,"DERP":"127.3.3.40:902","AllowedIPs":["10.0.0.0/8"]}"#,
         )
         .unwrap();
         assert_eq!(n.home_region().map(crate::RegionId::get), Some(900));
-        assert_eq!(n.routes(), &["10.0.0.0/8".to_string()]);
+        assert_eq!(n.routes(), &["10.0.0.0/8".parse::<crate::IpNet>().unwrap()]);
     }
 
     #[test]

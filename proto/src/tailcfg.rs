@@ -227,12 +227,12 @@ pub struct Node {
     /// Absent: the node does not speak disco.
     #[serde(rename = "DiscoKey", default, skip_serializing_if = "Option::is_none")]
     pub disco_key: Option<crate::keys::DiscoPublic>,
-    /// CIDRs such as `100.64.0.5/32`.
+    /// The node's own addresses as host prefixes, such as `100.64.0.5/32`.
     #[serde(rename = "Addresses", default)]
-    pub addresses: Vec<String>,
+    pub addresses: crate::Prefixes,
     /// Routes to this node; `None` (JSON null or absent) means the same as `Addresses`.
     #[serde(rename = "AllowedIPs", default)]
-    pub allowed_ips: Option<Vec<String>>,
+    pub allowed_ips: Option<crate::Prefixes>,
     #[serde(rename = "Endpoints", default)]
     pub endpoints: Vec<String>,
     /// Home relay region (capability version ≥ 111).
@@ -277,8 +277,26 @@ impl Node {
     }
 
     /// `AllowedIPs`, or `Addresses` when the server sent null.
-    pub fn routes(&self) -> &[String] {
+    pub fn routes(&self) -> &[crate::IpNet] {
         self.allowed_ips.as_deref().unwrap_or(&self.addresses)
+    }
+
+    /// How many entries of `Addresses` and `AllowedIPs` were not prefixes.
+    pub fn rejected_prefixes(&self) -> usize {
+        self.addresses.rejected() + self.allowed_ips.as_ref().map_or(0, |a| a.rejected())
+    }
+
+    /// The first IPv4 and the first IPv6 address among `Addresses`.
+    pub fn tunnel_addresses(&self) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+        let mut v4 = None;
+        let mut v6 = None;
+        for a in self.addresses.iter() {
+            match a.addr() {
+                std::net::IpAddr::V4(x) => v4 = v4.or(Some(x)),
+                std::net::IpAddr::V6(x) => v6 = v6.or(Some(x)),
+            }
+        }
+        (v4, v6)
     }
 }
 

@@ -93,7 +93,12 @@ pub fn rfc3339(unix: i64) -> String {
 
 /// The wire form of a stored node.
 pub fn to_node(n: &NodeRecord, online: bool, now: i64, domain: &str) -> Node {
-    let addresses = vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)];
+    let addresses: proto::Prefixes = [
+        proto::IpNet::from(std::net::IpAddr::V4(n.ipv4)),
+        proto::IpNet::from(std::net::IpAddr::V6(n.ipv6)),
+    ]
+    .into_iter()
+    .collect();
     Node {
         id: n.id,
         stable_id: format!("n{}", n.id),
@@ -272,7 +277,13 @@ mod tests {
         );
         let m = full_map(&s, 1, &settings()).unwrap();
         let me = m.node.unwrap();
-        assert_eq!(me.addresses, vec!["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]);
+        assert_eq!(
+            me.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
+            ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
+        );
         assert_eq!(me.name, "h1.agentd.internal.");
         assert_eq!(
             (me.home_derp, me.legacy_derp.as_str()),
