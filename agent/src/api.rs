@@ -228,9 +228,9 @@ async fn handle<S>(mut stream: S, engine: mpsc::Sender<Query>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    // The request head (one read loop for all of the project's HTTP: relay's).
+    // The request head (one read loop for all of the project's HTTP: netbase's).
     let head =
-        match tokio::time::timeout(TIMEOUT, relay::io::read_http_head(&mut stream, MAX_REQUEST))
+        match tokio::time::timeout(TIMEOUT, netbase::http::read_head(&mut stream, MAX_REQUEST))
             .await
         {
             Ok(Ok((head, _))) => head,
@@ -240,15 +240,9 @@ where
             }
             _ => return,
         };
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    let reply = match req.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {
-            let method = req.method.unwrap_or_default().to_string();
-            let target = req.path.unwrap_or_default().to_string();
-            route(&method, &target, &engine).await
-        }
-        _ => error(400, "malformed request"),
+    let reply = match netbase::http::RequestHead::parse(&head) {
+        Some(req) => route(&req.method, &req.path, &req.query, &engine).await,
+        None => error(400, "malformed request"),
     };
     let _ = write_reply(&mut stream, reply).await;
 }
@@ -285,8 +279,7 @@ async fn ask<T>(
     tokio::time::timeout(TIMEOUT, rx).await.ok()?.ok()
 }
 
-async fn route(method: &str, target: &str, engine: &mpsc::Sender<Query>) -> Reply {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+async fn route(method: &str, path: &str, query: &str, engine: &mpsc::Sender<Query>) -> Reply {
     let post = matches!(path, "/v1/up" | "/v1/down");
     if (post && method != "POST") || (!post && method != "GET") {
         return error(405, if post { "use POST" } else { "use GET" });
@@ -431,15 +424,15 @@ mod tests {
                 }
             }
         });
-        let (code, body) = route("GET", "/v1/status", &tx).await;
+        let (code, body) = route("GET", "/v1/status", "", &tx).await;
         assert_eq!(code, 200);
         assert!(body.contains("Running"));
-        assert_eq!(route("GET", "/v1/whois?ip=100.64.0.9", &tx).await.0, 404);
-        assert_eq!(route("GET", "/v1/whois", &tx).await.0, 400);
-        assert_eq!(route("POST", "/v1/status", &tx).await.0, 405);
-        assert_eq!(route("GET", "/v1/down", &tx).await.0, 405);
-        assert_eq!(route("POST", "/v1/down", &tx).await.0, 200);
-        assert_eq!(route("GET", "/v2/status", &tx).await.0, 404);
-        assert_eq!(route("GET", "/v1/version", &tx).await.0, 200);
+        assert_eq!(route("GET", "/v1/whois", "ip=100.64.0.9", &tx).await.0, 404);
+        assert_eq!(route("GET", "/v1/whois", "", &tx).await.0, 400);
+        assert_eq!(route("POST", "/v1/status", "", &tx).await.0, 405);
+        assert_eq!(route("GET", "/v1/down", "", &tx).await.0, 405);
+        assert_eq!(route("POST", "/v1/down", "", &tx).await.0, 200);
+        assert_eq!(route("GET", "/v2/status", "", &tx).await.0, 404);
+        assert_eq!(route("GET", "/v1/version", "", &tx).await.0, 200);
     }
 }

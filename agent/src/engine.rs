@@ -419,13 +419,13 @@ impl Engine {
         );
         // The socket readers: STUN answers to netcheck, the rest to the engine.
         let (udp_tx, mut udp_rx) = mpsc::channel::<Datagrams>(QUEUE / 16);
-        let _udp_guard = AbortOnDrop(tokio::spawn(read_udp(
+        let _udp_guard = AbortOnDrop::new(tokio::spawn(read_udp(
             Arc::clone(&self.udp),
             nc.inbox(),
             udp_tx.clone(),
         )));
         self.udp6_reader = self.sock6.as_ref().map(|(_, io)| {
-            AbortOnDrop(tokio::spawn(read_udp(
+            AbortOnDrop::new(tokio::spawn(read_udp(
                 Arc::clone(io),
                 nc.inbox(),
                 udp_tx.clone(),
@@ -474,7 +474,7 @@ impl Engine {
                 }
             }
         });
-        let _netcheck_guard = AbortOnDrop(netcheck_task);
+        let _netcheck_guard = AbortOnDrop::new(netcheck_task);
 
         let mut netmap_rx = self.session.as_ref().map(|s| s.netmap.clone());
         let mut state_rx = self.session.as_ref().map(|s| s.state.clone());
@@ -803,7 +803,7 @@ impl Engine {
         }
         self.port6 = pair.0.local_addr().ok().map(|a| a.port());
         if let (Some(inbox), Some(tx)) = (&self.stun_inbox, &self.udp_tx) {
-            self.udp6_reader = Some(AbortOnDrop(tokio::spawn(read_udp(
+            self.udp6_reader = Some(AbortOnDrop::new(tokio::spawn(read_udp(
                 Arc::clone(&pair.1),
                 inbox.clone(),
                 tx.clone(),
@@ -1733,13 +1733,8 @@ async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> bool {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A task that stops when its handle drops.
+type AbortOnDrop = tokio_util::task::AbortOnDropHandle<()>;
 
 /// Reads the TUN device into the engine's queue. A failed read is reported on `errors`
 /// (the engine looks whether the device is gone) and retried after a pause.
@@ -1748,7 +1743,7 @@ fn spawn_tun_reader(
     tx: mpsc::Sender<Vec<Vec<u8>>>,
     errors: mpsc::Sender<()>,
 ) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
+    AbortOnDrop::new(tokio::spawn(async move {
         let mut batch = RecvBatch::default();
         loop {
             match tun.recv_batch(&mut batch).await {

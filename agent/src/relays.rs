@@ -23,17 +23,12 @@ const EVENT_QUEUE: usize = 1024;
 
 struct Conn {
     client: RelayClient,
-    forwarder: tokio::task::JoinHandle<()>,
+    /// Stops with the connection.
+    _forwarder: tokio_util::task::AbortOnDropHandle<()>,
     last_write: Instant,
     connected: bool,
     /// The node address of the last connection that came up.
     node: Option<SocketAddr>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.forwarder.abort();
-    }
 }
 
 /// Counters.
@@ -211,7 +206,7 @@ impl Relays {
             region,
             Conn {
                 client,
-                forwarder,
+                _forwarder: tokio_util::task::AbortOnDropHandle::new(forwarder),
                 last_write: Instant::now(),
                 connected: false,
                 node: None,

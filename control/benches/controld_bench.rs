@@ -19,13 +19,7 @@ use tokio::sync::mpsc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_controld");
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use testkit::KillOnDrop as Child;
 
 fn cli(db: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -43,12 +37,7 @@ fn cli(db: &Path, args: &[&str]) -> String {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    testkit::procfs::rss_kib(pid).expect("controld is running")
 }
 
 fn req(node: &NodePrivate, disco: &DiscoPrivate, endpoint: &str) -> MapRequest {

@@ -286,7 +286,10 @@ impl ControlClient {
                 }
             }
         });
-        Ok(MapStream { rx, task })
+        Ok(MapStream {
+            rx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        })
     }
 
     /// A non-streaming "lite" map request that only updates the server's view of this
@@ -318,18 +321,12 @@ impl ControlClient {
 #[derive(Debug)]
 pub struct MapStream {
     rx: mpsc::Receiver<Result<MapResponse, ClientError>>,
-    task: tokio::task::JoinHandle<()>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 impl MapStream {
     /// The next message; an error ends the stream.
     pub async fn next(&mut self) -> Option<Result<MapResponse, ClientError>> {
         self.rx.recv().await
-    }
-}
-
-impl Drop for MapStream {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

@@ -9,10 +9,11 @@
 
 use std::io;
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use base64::Engine as _;
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
+use netbase::http::{Headers, ResponseHead};
 use proto::{MachinePrivate, MachinePublic};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -123,20 +124,8 @@ impl DialError {
 
 /// TLS with the system's trusted roots (rustls, ring provider).
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
-    static C: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    if let Some(c) = C.get() {
-        return Ok(c.clone());
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| DialError::Io(io::Error::other(e.to_string())))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(C.get_or_init(|| Arc::new(config)).clone())
+    netbase::tls::client_config(&netbase::tls::TlsVerify::SystemRoots)
+        .map_err(|e| DialError::Io(io::Error::other(e.to_string())))
 }
 
 async fn connect(url: &ControlUrl, deadlines: &Deadlines) -> Result<BoxStream, DialError> {
@@ -161,41 +150,13 @@ async fn connect(url: &ControlUrl, deadlines: &Deadlines) -> Result<BoxStream, D
     Ok(Box::new(tls))
 }
 
-/// Reads an HTTP/1.1 response head; returns (status, headers, bytes after the head).
-async fn read_head(s: &mut BoxStream) -> Result<(u16, Vec<(String, String)>, BytesMut), DialError> {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            resp.parse(&buf[..end])
-                .map_err(|e| DialError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-            let status = resp.code.unwrap_or(0);
-            let hs = resp
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).trim().to_string(),
-                    )
-                })
-                .collect();
-            buf.advance(end);
-            return Ok((status, hs, buf));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "HTTP head too large").into());
-        }
-        buf.reserve(1024);
-        if s.read_buf(&mut buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed before the HTTP head ended",
-            )
-            .into());
-        }
-    }
+/// Reads and parses an HTTP/1.1 response head; returns it and the bytes after it.
+async fn read_head(s: &mut BoxStream) -> Result<(ResponseHead, BytesMut), DialError> {
+    let (head, rest) = netbase::http::read_head(s, MAX_HEAD).await?;
+    let resp = ResponseHead::parse(&head).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP response head")
+    })?;
+    Ok((resp, rest))
 }
 
 #[derive(Deserialize)]
@@ -245,9 +206,9 @@ enum Framing {
     UntilClose,
 }
 
-fn framing(headers: &[(String, String)]) -> Result<Framing, DialError> {
+fn framing(headers: &Headers) -> Result<Framing, DialError> {
     let bad = |why: &str| DialError::BadKey(why.into());
-    if let Some((_, te)) = headers.iter().find(|(n, _)| n == "transfer-encoding") {
+    if let Some(te) = headers.get("transfer-encoding") {
         // Only "chunked" (last, per HTTP/1.1) is a framing we read; anything else
         // would be a compressed body we never asked for.
         return if te.eq_ignore_ascii_case("chunked") {
@@ -256,8 +217,8 @@ fn framing(headers: &[(String, String)]) -> Result<Framing, DialError> {
             Err(bad("unsupported Transfer-Encoding"))
         };
     }
-    match headers.iter().find(|(n, _)| n == "content-length") {
-        Some((_, v)) => {
+    match headers.get("content-length") {
+        Some(v) => {
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("bad Content-Length"));
             }
@@ -285,8 +246,9 @@ async fn key_exchange(
     );
     s.write_all(req.as_bytes()).await?;
     s.flush().await?;
-    let (status, headers, mut body) = read_head(s).await?;
-    let framing = framing(&headers)?;
+    let (head, mut body) = read_head(s).await?;
+    let status = head.status;
+    let framing = framing(&head.headers)?;
     loop {
         match framing {
             Framing::Length(n) if body.len() >= n => return Ok((status, body[..n].to_vec())),
@@ -376,7 +338,8 @@ async fn upgrade(
     );
     s.write_all(req.as_bytes()).await?;
     s.flush().await?;
-    let (status, headers, mut rest) = read_head(&mut s).await?;
+    let (head, mut rest) = read_head(&mut s).await?;
+    let status = head.status;
     if status != 101 {
         let mut body = rest.to_vec();
         body.truncate(MAX_ERROR_BODY as usize);
@@ -391,9 +354,7 @@ async fn upgrade(
             body: String::from_utf8_lossy(&body).chars().take(200).collect(),
         });
     }
-    let upgrade_ok = headers
-        .iter()
-        .any(|(n, v)| n == "upgrade" && v == "tailscale-control-protocol");
+    let upgrade_ok = head.headers.get("upgrade") == Some("tailscale-control-protocol");
     if !upgrade_ok {
         return Err(DialError::Http {
             status,

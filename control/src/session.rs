@@ -101,13 +101,7 @@ pub struct ControlSession {
     cmds: mpsc::Sender<Cmd>,
     pub netmap: watch::Receiver<Option<Arc<NetMap>>>,
     pub state: watch::Receiver<SessionState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ControlSession {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 impl ControlSession {
@@ -126,7 +120,7 @@ impl ControlSession {
             cmds: cmd_tx,
             netmap: nm_rx,
             state: st_rx,
-            task,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
 
@@ -173,7 +167,7 @@ async fn run(
     netmap: watch::Sender<Option<Arc<NetMap>>>,
     state: watch::Sender<SessionState>,
 ) {
-    let mut failures = 0u32;
+    let mut backoff = netbase::Backoff::new(cfg.backoff_min, cfg.backoff_max);
     // `Connecting` only until the first attempt ends: a redial after a failure stays
     // `Retrying` (with the last error) or `Refused` until it gets somewhere, so status
     // shows why, not a bare "connecting" that hides the failure.
@@ -192,20 +186,14 @@ async fn run(
                 was_connected,
             } => {
                 if was_connected {
-                    failures = 0;
+                    backoff.reset();
                 }
                 tracing::info!(%error, "control session lost; reconnecting");
                 state.send_replace(SessionState::Retrying { error });
                 false
             }
         };
-        let exp = failures.min(20);
-        failures = failures.saturating_add(1);
-        let full = cfg
-            .backoff_min
-            .saturating_mul(1 << exp)
-            .min(cfg.backoff_max);
-        let mut delay = full.mul_f64(0.5 + 0.5 * rand::thread_rng().gen::<f64>());
+        let mut delay = backoff.next_delay(rand::thread_rng().gen());
         if refused {
             delay = cfg.backoff_max;
         }

@@ -15,13 +15,7 @@ use proto::{DiscoPrivate, MachinePrivate, NodePrivate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_controld");
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use testkit::KillOnDrop as Child;
 
 fn cli(db: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)

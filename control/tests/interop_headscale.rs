@@ -12,29 +12,16 @@ use control::dial::{dial, fetch_control_key, ControlUrl, DialError};
 use proto::MachinePrivate;
 
 fn headscale_bin() -> Option<PathBuf> {
-    tests::interop::tool("headscale")
+    testkit::interop::tool("headscale")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use testkit::free_port;
 
 /// Headscale on loopback ports, stopped on drop.
 struct Headscale {
-    child: std::process::Child,
+    _child: testkit::KillOnDrop,
     url: ControlUrl,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Headscale {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn start_headscale(bin: &PathBuf) -> Headscale {
@@ -69,7 +56,7 @@ async fn start_headscale(bin: &PathBuf) -> Headscale {
         .spawn()
         .unwrap();
     Headscale {
-        child,
+        _child: testkit::KillOnDrop(child),
         url: format!("http://127.0.0.1:{port}").parse().unwrap(),
         _dir: dir,
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use proto::relaymap::{NodeAddr, RelayMap};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
 /// Largest response head read.
@@ -31,15 +31,15 @@ pub fn endpoints(map: &RelayMap, home: i32) -> Vec<(String, SocketAddr)> {
 
 /// Whether the answer to a challenge for `host` proves an unintercepted path.
 pub fn answer_is_genuine(head: &[u8], host: &str) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    if !matches!(resp.parse(head), Ok(httparse::Status::Complete(_))) || resp.code != Some(204) {
+    let Some(resp) = netbase::http::ResponseHead::parse(head) else {
         return false;
-    }
+    };
     let want = format!("response ts_{host}");
-    resp.headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("x-tailscale-response") && h.value == want.as_bytes())
+    resp.status == 204
+        && resp
+            .headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("x-tailscale-response") && v == want)
 }
 
 async fn check_one(host: &str, addr: SocketAddr) -> std::io::Result<bool> {
@@ -48,16 +48,13 @@ async fn check_one(host: &str, addr: SocketAddr) -> std::io::Result<bool> {
         "GET /generate_204 HTTP/1.1\r\nHost: {host}\r\nX-Tailscale-Challenge: ts_{host}\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    loop {
-        let n = s.read(&mut chunk).await?;
-        buf.extend_from_slice(&chunk[..n]);
-        if n == 0 || buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > MAX_HEAD {
-            break;
-        }
-    }
-    Ok(!answer_is_genuine(&buf, host))
+    // Whatever is not a complete head within the cap is not a relay's answer: captive.
+    Ok(match netbase::http::read_head(&mut s, MAX_HEAD).await {
+        Ok((head, _)) => !answer_is_genuine(&head, host),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => true,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+        Err(e) => return Err(e),
+    })
 }
 
 /// `Some(true)`: an endpoint answered with something other than a relay's 204 (a

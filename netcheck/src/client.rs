@@ -77,21 +77,14 @@ pub struct Netchecker {
     v6: Option<Arc<UdpSocket>>,
     rx: mpsc::Receiver<(Vec<u8>, SocketAddr)>,
     inbox: StunInbox,
-    readers: Vec<tokio::task::JoinHandle<()>>,
+    /// The socket readers, stopped when the netchecker drops.
+    readers: Vec<tokio_util::task::AbortOnDropHandle<()>>,
     portmapper: Option<PortMapper>,
     last: Option<Report>,
     last_full: Option<Instant>,
     next_full: bool,
     home: HomeChooser,
     details: ReportDetails,
-}
-
-impl Drop for Netchecker {
-    fn drop(&mut self) {
-        for r in &self.readers {
-            r.abort();
-        }
-    }
 }
 
 fn inbox() -> (StunInbox, mpsc::Receiver<(Vec<u8>, SocketAddr)>) {
@@ -127,18 +120,20 @@ impl Netchecker {
         for sock in [Some(&v4), v6.as_ref()].into_iter().flatten() {
             let sock = Arc::clone(sock);
             let inbox = inbox.clone();
-            readers.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; MAX_STUN_PACKET];
-                loop {
-                    match sock.recv_from(&mut buf).await {
-                        Ok((n, from)) if stun::looks_like_response(&buf[..n]) => {
-                            inbox.deliver(&buf[..n], from)
+            readers.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                async move {
+                    let mut buf = vec![0u8; MAX_STUN_PACKET];
+                    loop {
+                        match sock.recv_from(&mut buf).await {
+                            Ok((n, from)) if stun::looks_like_response(&buf[..n]) => {
+                                inbox.deliver(&buf[..n], from)
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::trace!(error = %e, "netcheck socket receive error"),
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::trace!(error = %e, "netcheck socket receive error"),
                     }
-                }
-            }));
+                },
+            )));
         }
         let mut nc = Self::assemble(Some(v4), v6, portmapper, inbox, rx);
         nc.readers = readers;

@@ -51,12 +51,7 @@ fn start_relayd(tls: Option<&TestCert>, dir: &std::path::Path) -> RelaydProcess 
 
 /// Resident set size of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    testkit::procfs::rss_kib(pid).expect("the relay is running")
 }
 
 async fn conn(t: &RelayTarget) -> (NodePrivate, RelayConn) {

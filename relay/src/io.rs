@@ -1,6 +1,6 @@
 //! Async plumbing shared by the client and the server: the byte stream type, a frame
 //! reader that holds no buffer while its connection is idle, and a stream that replays
-//! bytes already read past an HTTP head.
+//! bytes already read past an HTTP head (read with `netbase::http::read_head`).
 //!
 //! Not for: protocol rules (see `frame`) or connection policy (client and server modules).
 
@@ -179,39 +179,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// Reads an HTTP/1.1 head (request or response) up to the blank line.
-///
-/// Returns the head bytes and whatever was read after it. Fails on more than `max` bytes.
-pub async fn read_http_head<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> io::Result<(BytesMut, BytesMut)> {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if let Some(end) = find_head_end(&buf) {
-            let rest = buf.split_off(end);
-            return Ok((buf, rest));
-        }
-        if buf.len() >= max {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "HTTP head too large",
-            ));
-        }
-        buf.reserve(1024);
-        if r.read_buf(&mut buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before the end of the HTTP head",
-            ));
-        }
-    }
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,16 +238,5 @@ mod tests {
         let mut r = FrameReader::new(b, BytesMut::from(&b"\x06"[..]), 100);
         let (t, body) = r.read_raw().await.unwrap().unwrap();
         assert_eq!((t, body.len()), (0x06, 0));
-    }
-
-    #[tokio::test]
-    async fn http_head_and_rest_are_separated() {
-        let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(b"HTTP/1.1 101 OK\r\nA: b\r\n\r\nDERP")
-            .await
-            .unwrap();
-        let (head, rest) = read_http_head(&mut b, 1024).await.unwrap();
-        assert!(head.ends_with(b"\r\n\r\n"));
-        assert_eq!(&rest[..], b"DERP");
     }
 }

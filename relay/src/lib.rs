@@ -3,9 +3,9 @@
 //!
 //! Module map: [`frame`] (pure codec), [`handshake`] (ClientInfo/ServerInfo sealing),
 //! [`io`] (async frame reading), [`ws`] (DERP over WebSocket), [`client`] (connect and
-//! a reconnecting client), [`backoff`], and `server`.
+//! a reconnecting client), and `server`. Backoff, TLS configurations and HTTP heads are
+//! in `netbase`.
 
-pub mod backoff;
 pub mod client;
 pub mod frame;
 pub mod handshake;

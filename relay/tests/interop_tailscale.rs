@@ -18,7 +18,7 @@ use bytes::Bytes;
 use common::*;
 
 fn tailscale_bin(name: &str) -> Option<PathBuf> {
-    tests::interop::tool(name)
+    testkit::interop::tool(name)
 }
 
 #[tokio::test]
@@ -82,7 +82,7 @@ async fn our_client_exchanges_packets_through_tailscale_derper() {
     write_cert_files(&cert, dir.path(), "localhost");
     let (plain_port, tls_port) = (free_port(), free_port());
     let spawn = |args: Vec<String>| {
-        Child(
+        KillOnDrop(
             Command::new(&derper)
                 .args(args)
                 .current_dir(dir.path())

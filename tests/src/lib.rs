@@ -22,7 +22,6 @@
 
 pub mod emulator;
 pub mod error;
-pub mod interop;
 pub mod lab;
 pub mod link;
 pub mod netfilter;
@@ -40,44 +39,7 @@ pub use netfilter::PacketCounter;
 pub use process::ChildGuard;
 pub use router::{Filtering, Nat, RouterSpec};
 
-/// `recv_from` that retries when a signal interrupts it, within the socket's read timeout.
-/// On Linux a socket with a read timeout fails with EINTR when the process is stopped and
-/// continued (signal(7)), even with no handler installed; a CI runner that pauses jobs does
-/// exactly that. A retry waits only for what is left of the timeout, so repeated pauses
-/// cannot stretch a bounded wait into an endless one.
-pub fn recv_from(
-    socket: &std::net::UdpSocket,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, std::net::SocketAddr)> {
-    use std::io::{Error, ErrorKind};
-    let timeout = socket.read_timeout()?;
-    let deadline = timeout.map(|t| std::time::Instant::now() + t);
-    let mut shortened = false;
-    let result = loop {
-        match socket.recv_from(buf) {
-            Err(e) if e.kind() == ErrorKind::Interrupted => {
-                let Some(deadline) = deadline else { continue };
-                match deadline.checked_duration_since(std::time::Instant::now()) {
-                    Some(left) if !left.is_zero() => {
-                        shortened = true;
-                        socket.set_read_timeout(Some(left))?;
-                    }
-                    _ => break Err(Error::new(ErrorKind::TimedOut, "read timed out")),
-                }
-            }
-            other => break other,
-        }
-    };
-    if shortened {
-        socket.set_read_timeout(timeout)?;
-    }
-    result
-}
-
-/// Whether this run is CI (`CI=true`), where a lab that cannot be built is a failure.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
+pub use testkit::{in_ci, interop, recv_from};
 
 /// Handles a lab that could not be made: returns (so the caller skips) when this machine
 /// cannot host labs and this is not CI; panics otherwise (CI, or a real error).

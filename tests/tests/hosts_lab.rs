@@ -99,17 +99,10 @@ fn resumed_after(ping: &ChildGuard, since: f64, within: Duration) -> Option<Dura
 
 /// Every process's command line on this machine, joined.
 fn all_command_lines() -> String {
-    let mut all = String::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
-            continue;
-        }
-        if let Ok(b) = std::fs::read(e.path().join("cmdline")) {
-            all.push_str(&String::from_utf8_lossy(&b).replace('\0', " "));
-            all.push('\n');
-        }
-    }
-    all
+    testkit::procfs::all_command_lines()
+        .into_iter()
+        .map(|(_, line)| line + "\n")
+        .collect()
 }
 
 #[test]

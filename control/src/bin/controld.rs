@@ -13,8 +13,6 @@ use control::server::mapper::rfc3339;
 use control::server::store::{SqliteStore, Store};
 use control::server::{ControlConfig, ControlServer};
 use proto::{MachinePrivate, RelayMap};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// controld: the coordination server of an agentd network (ts2021, Headscale-compatible).
 ///
@@ -276,20 +274,7 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("cannot read {}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad PEM in {}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("cannot read a private key from {}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("certificate and key do not match or are unsupported")?;
-    Ok(Arc::new(config))
+    Ok(netbase::tls::load_server_config(cert, key, &[])?)
 }
 
 fn serve(mut args: ServeArgs, db: &Path) -> anyhow::Result<()> {

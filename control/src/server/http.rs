@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::BytesMut;
+use netbase::http::RequestHead;
 use proto::NodePublic;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,58 +59,20 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr) {
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn read_request(s: &mut BoxStream) -> std::io::Result<Option<(Request, BytesMut)>> {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            if !matches!(req.parse(&buf[..end]), Ok(httparse::Status::Complete(_))) {
-                return Ok(None);
-            }
-            let full = req.path.unwrap_or("/");
-            let (path, query) = full.split_once('?').unwrap_or((full, ""));
-            let r = Request {
-                method: req.method.unwrap_or("").to_string(),
-                path: path.to_string(),
-                query: query.to_string(),
-                headers: req
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).trim().to_string(),
-                        )
-                    })
-                    .collect(),
-            };
-            let rest = buf.split_off(end);
-            return Ok(Some((r, rest)));
+/// The request head and what followed it; None for a head that is malformed, too
+/// large, or cut off (answered with 400).
+async fn read_request(s: &mut BoxStream) -> std::io::Result<Option<(RequestHead, BytesMut)>> {
+    match netbase::http::read_head(s, MAX_HEAD).await {
+        Ok((head, rest)) => Ok(RequestHead::parse(&head).map(|r| (r, rest))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Ok(None)
         }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-        buf.reserve(1024);
-        if s.read_buf(&mut buf).await? == 0 {
-            return Ok(None);
-        }
+        Err(e) => Err(e),
     }
 }
 
@@ -174,10 +137,12 @@ async fn handle(shared: Arc<Shared>, mut s: BoxStream, remote: SocketAddr) -> st
         }
         ("POST", "/ts2021") => {
             let upgrade_ok = req
-                .header("Upgrade")
+                .headers
+                .get("Upgrade")
                 .is_some_and(|u| u.eq_ignore_ascii_case("tailscale-control-protocol"));
             let init = req
-                .header("X-Tailscale-Handshake")
+                .headers
+                .get("X-Tailscale-Handshake")
                 .and_then(|h| base64::engine::general_purpose::STANDARD.decode(h).ok());
             let (true, Some(init)) = (upgrade_ok, init) else {
                 return respond(
@@ -220,7 +185,8 @@ async fn handle(shared: Arc<Shared>, mut s: BoxStream, remote: SocketAddr) -> st
         }
         ("POST", "/verify") => {
             let len: usize = req
-                .header("Content-Length")
+                .headers
+                .get("Content-Length")
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(0);
             if len > MAX_VERIFY_BODY {

@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use super::tls::{client_config, TlsSettings, TlsVerify};
 use crate::frame::{self, ty, Frame};
 use crate::handshake::{self, ClientInfo, ServerInfo};
-use crate::io::{read_http_head, write_flush, BoxStream, FrameReader, Prefixed, ReadError};
+use netbase::http::{read_head, ResponseHead};
+
+use crate::io::{write_flush, BoxStream, FrameReader, Prefixed, ReadError};
 use crate::ws::{self, WsByteStream};
 
 /// Budget for dial + TLS + upgrade + DERP handshake.
@@ -356,30 +358,19 @@ async fn connect_inner(
         .await
         .map_err(io_upgrade_err)?;
     stream.flush().await.map_err(io_upgrade_err)?;
-    let (head, rest) = read_http_head(&mut stream, MAX_HTTP_HEAD)
+    let (head, rest) = read_head(&mut stream, MAX_HTTP_HEAD)
         .await
         .map_err(io_upgrade_err)?;
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(upgrade_err("malformed HTTP response".into())),
-    }
-    if resp.code != Some(101) {
-        return Err(upgrade_err(format!(
-            "HTTP {} {}",
-            resp.code.unwrap_or(0),
-            resp.reason.unwrap_or("")
-        )));
+    let Some(resp) = ResponseHead::parse(&head) else {
+        return Err(upgrade_err("malformed HTTP response".into()));
+    };
+    if resp.status != 101 {
+        return Err(upgrade_err(format!("HTTP {} {}", resp.status, resp.reason)));
     }
     let (stream, prefix): (BoxStream, BytesMut) = match ws_key {
         Some(k) => {
-            let accept = resp
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
-                .map(|h| String::from_utf8_lossy(h.value).trim().to_string());
-            if accept.as_deref() != Some(ws::accept_key(&k).as_str()) {
+            let accept = resp.headers.get("sec-websocket-accept");
+            if accept != Some(ws::accept_key(&k).as_str()) {
                 return Err(upgrade_err("bad Sec-WebSocket-Accept".into()));
             }
             let inner = Prefixed::new(rest.freeze(), stream);
@@ -440,16 +431,9 @@ pub async fn latency_check(
         let start = tokio::time::Instant::now();
         stream.write_all(request.as_bytes()).await.map_err(err)?;
         stream.flush().await.map_err(err)?;
-        let (head, _) = read_http_head(&mut stream, MAX_HTTP_HEAD)
-            .await
-            .map_err(err)?;
+        let (head, _) = read_head(&mut stream, MAX_HTTP_HEAD).await.map_err(err)?;
         let elapsed = start.elapsed();
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        let code = match resp.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => resp.code.unwrap_or(0),
-            _ => 0,
-        };
+        let code = ResponseHead::parse(&head).map_or(0, |r| r.status);
         if !(200..300).contains(&code) {
             return Err(ConnectError::Upgrade {
                 target: name.clone(),

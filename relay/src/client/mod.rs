@@ -29,10 +29,10 @@ use proto::{NodePrivate, NodePublic};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
-use crate::backoff::Backoff;
 use crate::frame::{Frame, PeerGoneReason};
 use crate::handshake::ClientInfo;
 use liveness::{Liveness, LivenessAction, LivenessConfig, WRITE_TIMEOUT};
+use netbase::Backoff;
 
 /// Settings of a [`RelayClient`].
 #[derive(Debug, Clone)]

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use proto::{MeshKey, NodePrivate};
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
@@ -213,7 +212,7 @@ impl Args {
             );
         }
         let extra_roots = match &self.mesh_ca_cert {
-            Some(p) => Some(load_certs(p)?),
+            Some(p) => Some(netbase::tls::load_certs(p)?),
             None => None,
         };
         for entry in self.mesh_with.iter().flatten() {
@@ -333,23 +332,9 @@ fn mesh_target(
     Ok(target)
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("cannot read certificates from {}", path.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad PEM in {}", path.display()))?;
-    if certs.is_empty() {
-        bail!("no certificates in {}", path.display());
-    }
-    Ok(certs)
-}
-
 /// A TLS server configuration from PEM files.
 pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("cannot read a private key from {}", key.display()))?;
-    tls_server_config(certs, key)
+    Ok(netbase::tls::load_server_config(cert, key, &[b"http/1.1"])?)
 }
 
 /// A TLS server configuration (TLS 1.2+, ring) from a chain and key.
@@ -357,13 +342,7 @@ pub fn tls_server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::client::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("certificate and key do not match or are unsupported")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(netbase::tls::server_config(certs, key, &[b"http/1.1"])?)
 }
 
 /// Reads the server key, or creates it (mode 0600, written atomically) if missing.

@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::ratelimit::TokenBucket;
 use super::{conn, LiveGuard, Shared};
-use crate::io::{read_http_head, write_flush, BoxStream, Prefixed};
+use netbase::http::{read_head, RequestHead};
+
+use crate::io::{write_flush, BoxStream, Prefixed};
 use crate::ws::{self, WsByteStream};
 
 const MAX_REQUEST_HEAD: usize = 16 << 10;
@@ -79,56 +81,14 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr, _gu
     handle_http(shared, stream, remote).await;
 }
 
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn parse_request(head: &[u8]) -> Option<Request> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return None,
-    }
-    let path = req.path?.split('?').next().unwrap_or("/").to_string();
-    Some(Request {
-        method: req.method?.to_string(),
-        path,
-        headers: req
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect(),
-    })
-}
-
 async fn handle_http(shared: Arc<Shared>, mut stream: BoxStream, remote: SocketAddr) {
-    let (head, rest) = match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        read_http_head(&mut stream, MAX_REQUEST_HEAD),
-    )
-    .await
-    {
-        Ok(Ok(x)) => x,
-        _ => return,
-    };
-    let Some(req) = parse_request(&head) else {
+    let (head, rest) =
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream, MAX_REQUEST_HEAD)).await
+        {
+            Ok(Ok(x)) => x,
+            _ => return,
+        };
+    let Some(req) = RequestHead::parse(&head) else {
         let _ = respond(&mut stream, "400 Bad Request", &[], b"bad request\n", true).await;
         return;
     };
@@ -161,7 +121,8 @@ async fn handle_http(shared: Arc<Shared>, mut stream: BoxStream, remote: SocketA
                 "no-cache, no-store, must-revalidate, no-transform, max-age=0".to_string(),
             )];
             if let Some(c) = req
-                .header("X-Tailscale-Challenge")
+                .headers
+                .get("X-Tailscale-Challenge")
                 .filter(|c| valid_challenge(c))
             {
                 extra.push(("X-Tailscale-Response", format!("response {c}")));
@@ -268,19 +229,21 @@ async fn upgrade(
     mut stream: BoxStream,
     rest: BytesMut,
     remote: SocketAddr,
-    req: &Request,
+    req: &RequestHead,
 ) {
     let upgrade = req
-        .header("Upgrade")
+        .headers
+        .get("Upgrade")
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
     let wants_ws_derp = upgrade == "websocket"
         && req
-            .header("Sec-WebSocket-Protocol")
+            .headers
+            .get("Sec-WebSocket-Protocol")
             .is_some_and(|p| p.split(',').any(|s| s.trim() == ws::SUBPROTOCOL));
     if wants_ws_derp {
-        let Some(key) = req.header("Sec-WebSocket-Key") else {
+        let Some(key) = req.headers.get("Sec-WebSocket-Key") else {
             let _ = respond(
                 &mut stream,
                 "400 Bad Request",
@@ -315,7 +278,7 @@ async fn upgrade(
         .await;
         return;
     }
-    let fast_start = req.header("Derp-Fast-Start").map(str::trim) == Some("1");
+    let fast_start = req.headers.get("Derp-Fast-Start").map(str::trim) == Some("1");
     if !fast_start {
         let resp = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\
@@ -341,13 +304,5 @@ mod tests {
         assert!(!valid_challenge("new\nline"));
         assert!(valid_challenge(&"a".repeat(64)));
         assert!(!valid_challenge(&"a".repeat(65)));
-    }
-
-    #[test]
-    fn request_parsing_strips_query_and_keeps_headers() {
-        let r = parse_request(b"GET /derp?x=1 HTTP/1.1\r\nUpgrade: DERP\r\n\r\n").unwrap();
-        assert_eq!(r.path, "/derp");
-        assert_eq!(r.header("upgrade"), Some("DERP"));
-        assert!(parse_request(b"garbage\r\n\r\n").is_none());
     }
 }

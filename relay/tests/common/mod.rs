@@ -242,28 +242,12 @@ pub async fn verify_server() -> VerifyServer {
     }
 }
 
-/// A loopback port that was free a moment ago (for servers that must know each other's port).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Stops the child on drop, even if the test fails.
-pub struct Child(pub std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+#[allow(unused_imports)] // not every program that includes this module uses both
+pub use testkit::{free_port, KillOnDrop};
 
 /// The built `relayd` binary running as a child process.
 pub struct RelaydProcess {
-    pub child: Child,
+    pub child: KillOnDrop,
     /// Where it listens (read from its "relay listening" log line).
     pub addr: SocketAddr,
     /// Its further log lines.
@@ -273,7 +257,7 @@ pub struct RelaydProcess {
 /// Starts `relayd` with `args` and waits until it logs its listening address.
 pub fn spawn_relayd(args: &[String]) -> RelaydProcess {
     use std::io::BufRead as _;
-    let mut child = Child(
+    let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_relayd"))
             .args(args)
             .env("NO_COLOR", "1")
