@@ -6,7 +6,7 @@
 //! home-region changes to control.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,12 +26,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{PingError, Query};
 use crate::ipv6::Ipv6Support;
-use crate::peer::{Peer, PeerEvent};
+use crate::node::peer::{Peer, PeerEvent};
+use crate::node::peers::{PeerTable, SourceCheck, MAX_PEERS};
+use crate::node::routes;
+use crate::node::wg::{self, WgAction, WgRoute};
 use crate::relays::Relays;
-use crate::routes::{self, RouteTable};
 use crate::sock::{self, Kind, RecvBuffers, UdpIo};
 use crate::tundev::{RecvBatch, SendBatch, TunDevice, BATCH};
-use crate::wg::{self, WgAction, WgRoute};
 use proto::localapi::{BackendState, ControlState, PeerPath, PingVia};
 
 /// Capability version we advertise (Headscale needs ≥ 113).
@@ -58,8 +59,6 @@ const GSO_MAX_BYTES: usize = 64_000;
 /// Quick re-measurements of our endpoints because a direct path went quiet are at least
 /// this far apart (many peers going quiet at once is one event: our NAT moved us).
 const RESTUN_MIN_INTERVAL: Duration = Duration::from_secs(2);
-/// Peers we hold at most (netmap entries beyond are ignored and counted).
-const MAX_PEERS: usize = 10_000;
 
 /// How the daemon was asked to run. Its `Debug` form leaves out the pre-auth key.
 #[derive(Clone)]
@@ -286,11 +285,7 @@ struct Engine {
     session_cfg: SessionConfig,
     relays: Relays,
     relay_rx: mpsc::Receiver<(RegionId, RelayEvent)>,
-    peers: BTreeMap<NodePublic, Peer>,
-    by_index: BTreeMap<u32, NodePublic>,
-    by_disco: BTreeMap<DiscoPublic, NodePublic>,
-    routes: RouteTable,
-    next_index: u32,
+    peers: PeerTable,
     tun: Option<Arc<TunDevice>>,
     /// Decrypted packets waiting to be written to the TUN device (at the end of the
     /// batch being handled, or when BATCH have gathered): written by the engine itself,
@@ -362,11 +357,7 @@ impl Engine {
             session_cfg,
             relays,
             relay_rx,
-            peers: BTreeMap::new(),
-            by_index: BTreeMap::new(),
-            by_disco: BTreeMap::new(),
-            routes: RouteTable::default(),
-            next_index: 1,
+            peers: PeerTable::default(),
             tun: None,
             tun_out: Vec::new(),
             tun_write: SendBatch::default(),
@@ -817,75 +808,40 @@ impl Engine {
 
     fn apply_netmap(&mut self, nm: &NetMap) {
         let now = Instant::now();
-        let mut seen = std::collections::BTreeSet::new();
         for node in nm.peers.values() {
-            if node.key == self.me_pub {
-                continue;
-            }
-            if !self.peers.contains_key(&node.key) && self.peers.len() >= MAX_PEERS {
-                self.counters.peers_over_limit += 1;
-                continue;
-            }
-            seen.insert(node.key);
-            if node.rejected_prefixes() > 0 {
-                self.counters.rejected_prefixes += node.rejected_prefixes() as u64;
-                tracing::warn!(peer = %node.key.short(), rejected = node.rejected_prefixes(), "ignoring addresses or routes of a peer that are not IP prefixes");
-            }
             tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = ?node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
-            match self.peers.get_mut(&node.key) {
-                Some(p) => {
-                    p.update(node, &self.disco, now);
-                    self.dirty.insert(node.key);
-                }
-                None => {
-                    // Our 24-bit session index for this peer; one still in use is skipped
-                    // (the counter wraps after 16 million additions).
-                    let mut index = self.next_index;
-                    while self.by_index.contains_key(&index) {
-                        index = (index + 1) & 0x00FF_FFFF;
-                    }
-                    self.next_index = (index + 1) & 0x00FF_FFFF;
-                    let p = Peer::new(node, &self.me, &self.disco, index, now);
-                    tracing::info!(peer = %node.key.short(), name = %node.name, "peer added");
-                    self.by_index.insert(index, node.key);
-                    self.peers.insert(node.key, p);
-                    self.dirty.insert(node.key);
-                }
-            }
         }
-        let gone: Vec<NodePublic> = self
+        let change = self
             .peers
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .copied()
-            .collect();
-        for k in gone {
-            if let Some(p) = self.peers.remove(&k) {
-                tracing::info!(peer = %k.short(), "peer removed");
-                self.by_index.remove(&p.index);
-            }
+            .apply(nm.peers.values(), &self.me, &self.disco, now);
+        for k in &change.added {
+            let name = self.peers.get(k).map(|p| p.name.as_str()).unwrap_or("");
+            tracing::info!(peer = %k.short(), %name, "peer added");
         }
-        // A disco key claimed by two peers belongs to neither: otherwise one node could
-        // take over another's path discovery by advertising its key.
-        let mut by_disco: BTreeMap<DiscoPublic, Option<NodePublic>> = BTreeMap::new();
-        for (k, p) in &self.peers {
-            if let Some(d) = p.disco_key {
-                by_disco
-                    .entry(d)
-                    .and_modify(|owner| *owner = None)
-                    .or_insert(Some(*k));
-            }
+        for k in &change.removed {
+            tracing::info!(peer = %k.short(), "peer removed");
         }
-        let before = by_disco.len();
-        self.by_disco = by_disco
-            .into_iter()
-            .filter_map(|(d, k)| k.map(|k| (d, k)))
-            .collect();
-        if self.by_disco.len() < before {
-            self.counters.disco_key_conflicts += (before - self.by_disco.len()) as u64;
+        self.dirty
+            .extend(change.added.iter().chain(&change.updated).copied());
+        self.counters.peers_over_limit += change.over_limit;
+        if change.over_limit > 0 {
+            tracing::warn!(
+                skipped = change.over_limit,
+                limit = MAX_PEERS,
+                "the network map has more peers than agentd keeps"
+            );
+        }
+        if change.disco_conflicts > 0 {
+            self.counters.disco_key_conflicts += change.disco_conflicts;
             tracing::warn!("peers share a disco key; disco with them is ignored");
         }
-        self.routes = RouteTable::build(self.peers.iter().map(|(k, p)| (*k, &p.allowed_ips[..])));
+        if change.rejected_prefixes > 0 {
+            self.counters.rejected_prefixes += change.rejected_prefixes;
+            tracing::warn!(
+                rejected = change.rejected_prefixes,
+                "ignoring addresses or routes of peers that are not IP prefixes"
+            );
+        }
     }
 
     /// `agentctl down`: no control session, no TUN device, no peers, no relay
@@ -899,9 +855,6 @@ impl Engine {
         self.dirty.clear();
         self.stalled.clear();
         self.next_peer_wake = None;
-        self.by_index.clear();
-        self.by_disco.clear();
-        self.routes = RouteTable::default();
         self.relays.close_all();
         self.reported_home = None;
         self.pending_endpoints = None;
@@ -927,21 +880,6 @@ impl Engine {
         self.update_endpoints(report, ext).await;
     }
 
-    /// Resolves a peer by tunnel address, full name, or first name label.
-    fn find_peer(&self, target: &str) -> Option<NodePublic> {
-        if let Ok(ip) = target.parse::<IpAddr>() {
-            return self.routes.lookup(ip);
-        }
-        let t = target.trim_end_matches('.');
-        self.peers
-            .iter()
-            .find(|(_, p)| {
-                let n = p.name.trim_end_matches('.');
-                n == t || n.split('.').next() == Some(t)
-            })
-            .map(|(k, _)| *k)
-    }
-
     /// `agentctl ping`: one disco ping on the path data would take now (directly when
     /// there is a direct path, through the peer's relay otherwise; both while the direct
     /// path is unconfirmed). Counts as traffic, so it also starts path discovery.
@@ -953,7 +891,7 @@ impl Engine {
         >,
         now: Instant,
     ) {
-        let Some(key) = self.find_peer(target) else {
+        let Some(key) = self.peers.find(target) else {
             let _ = tx.send(Err(PingError::NoSuchPeer(format!(
                 "no peer named or addressed {target:?}"
             ))));
@@ -1022,7 +960,7 @@ impl Engine {
             };
             let latency_ms = now.saturating_duration_since(sent).as_secs_f64() * 1000.0;
             let r = match via {
-                crate::peer::Via::Udp(a) => proto::localapi::PingResult {
+                crate::node::peer::Via::Udp(a) => proto::localapi::PingResult {
                     peer: name.clone(),
                     address: address.clone(),
                     via: PingVia::Direct,
@@ -1030,7 +968,7 @@ impl Engine {
                     latency_ms,
                     ..Default::default()
                 },
-                crate::peer::Via::Relay(r) => proto::localapi::PingResult {
+                crate::node::peer::Via::Relay(r) => proto::localapi::PingResult {
                     peer: name.clone(),
                     address: address.clone(),
                     via: PingVia::Relay,
@@ -1056,8 +994,8 @@ impl Engine {
             Query::Netcheck(_) | Query::Up(_) | Query::Down(_) => {}
             Query::Whois(ip, tx) => {
                 let p = self
-                    .routes
-                    .lookup(ip)
+                    .peers
+                    .route(ip)
                     .and_then(|k| self.peers.get(&k))
                     .map(|p| self.peer_status(p, self.nodes_by_key().get(&p.key).copied(), now));
                 let _ = tx.send(p);
@@ -1275,7 +1213,7 @@ impl Engine {
             self.counters.tun_bad_packet += 1;
             return;
         };
-        let Some(key) = self.routes.lookup(dst) else {
+        let Some(key) = self.peers.route(dst) else {
             self.counters.tun_no_route += 1;
             return;
         };
@@ -1446,7 +1384,10 @@ impl Engine {
 
     async fn on_udp_packet(&mut self, pkt: &[u8], from: SocketAddr) {
         match sock::classify(pkt) {
-            Kind::Disco => self.on_disco(pkt, crate::peer::Via::Udp(from), None).await,
+            Kind::Disco => {
+                self.on_disco(pkt, crate::node::peer::Via::Udp(from), None)
+                    .await
+            }
             Kind::WireGuard => self.on_wireguard(pkt, Some(from), None).await,
             Kind::Stun => {}
             Kind::Unknown => self.counters.udp_unknown += 1,
@@ -1472,7 +1413,7 @@ impl Engine {
             self.counters.relay_packets_in += 1;
             match sock::classify(&payload) {
                 Kind::Disco => {
-                    self.on_disco(&payload, crate::peer::Via::Relay(region), Some(src))
+                    self.on_disco(&payload, crate::node::peer::Via::Relay(region), Some(src))
                         .await
                 }
                 Kind::WireGuard => self.on_wireguard(&payload, None, Some(src)).await,
@@ -1493,7 +1434,7 @@ impl Engine {
                 let mut reply = [0u8; 64];
                 match self.router.route(from.map(|a| a.ip()), pkt, &mut reply) {
                     WgRoute::Initiation(k) => Some(k),
-                    WgRoute::Index(i) => self.by_index.get(&i).copied(),
+                    WgRoute::Index(i) => self.peers.by_index(i),
                     WgRoute::Cookie(c) => {
                         if let Some((a, sock)) = from.and_then(|a| Some((a, self.sock_for(a)?))) {
                             let _ = sock.send_to(c, a).await;
@@ -1513,7 +1454,9 @@ impl Engine {
                 }
             }
         };
-        let Some((key, p)) = key.and_then(|k| Some((k, self.peers.get_mut(&k)?))) else {
+        let Some((key, (p, sources))) =
+            key.and_then(|k| Some((k, self.peers.get_mut_with_sources(&k)?)))
+        else {
             self.counters.wg_unknown_peer += 1;
             return;
         };
@@ -1522,18 +1465,22 @@ impl Engine {
         match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
             WgAction::Deliver(d) => {
                 // Only packets from the addresses this peer owns reach the OS.
-                let src = routes::source(d);
-                let ok = src.is_some_and(|s| self.routes.lookup(s) == Some(key));
-                if ok && src.is_some_and(|s| s.is_ipv6()) && !self.ipv6.is_on() {
-                    self.counters.ipv6_off_dropped += 1;
-                } else if !ok {
-                    *self
-                        .counters
-                        .wg_drop
-                        .entry("source not allowed")
-                        .or_default() += 1;
-                } else if self.tun.is_some() {
-                    self.tun_out.push(d.to_vec());
+                match sources.check(d) {
+                    SourceCheck::Allowed(src) if src.is_ipv6() && !self.ipv6.is_on() => {
+                        self.counters.ipv6_off_dropped += 1;
+                    }
+                    SourceCheck::Allowed(_) => {
+                        if self.tun.is_some() {
+                            self.tun_out.push(d.to_vec());
+                        }
+                    }
+                    SourceCheck::NotAllowed | SourceCheck::Malformed => {
+                        *self
+                            .counters
+                            .wg_drop
+                            .entry("source not allowed")
+                            .or_default() += 1;
+                    }
                 }
             }
             WgAction::Send(b) => {
@@ -1575,12 +1522,17 @@ impl Engine {
         self.tun_out.clear();
     }
 
-    async fn on_disco(&mut self, pkt: &[u8], via: crate::peer::Via, relay_src: Option<NodePublic>) {
+    async fn on_disco(
+        &mut self,
+        pkt: &[u8],
+        via: crate::node::peer::Via,
+        relay_src: Option<NodePublic>,
+    ) {
         let Some(sender) = disco::sender_key(pkt) else {
             self.counters.disco_bad += 1;
             return;
         };
-        let Some(key) = self.by_disco.get(&sender).copied() else {
+        let Some(key) = self.peers.by_disco(&sender) else {
             self.counters.disco_unknown_sender += 1;
             tracing::debug!(sender = %sender.short(), ?via, "disco from a key not in the netmap");
             return;
@@ -1595,11 +1547,11 @@ impl Engine {
                     self.collect_api_pongs(key, now);
                 }
             }
-            Err(crate::peer::DiscoDrop::Bad) => {
+            Err(crate::node::peer::DiscoDrop::Bad) => {
                 self.counters.disco_bad += 1;
                 tracing::debug!(peer = %key.short(), ?via, "disco message did not open");
             }
-            Err(crate::peer::DiscoDrop::CallMeMaybeNotViaRelay) => {
+            Err(crate::node::peer::DiscoDrop::CallMeMaybeNotViaRelay) => {
                 self.counters.disco_cmm_not_via_relay += 1
             }
         }
@@ -1613,7 +1565,7 @@ impl Engine {
     async fn drive_peers(&mut self, now: Instant) {
         let mut keys = std::mem::take(&mut self.dirty);
         let mut next: Option<Instant> = None;
-        for (k, p) in &self.peers {
+        for (k, p) in self.peers.iter() {
             match p.poll_timeout() {
                 Some(t) if t <= now => {
                     keys.insert(*k);

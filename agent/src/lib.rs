@@ -9,13 +9,11 @@ pub mod api;
 pub mod engine;
 pub mod interfaces;
 pub mod ipv6;
-pub mod peer;
+pub mod node;
 pub mod relays;
-pub mod routes;
 pub mod service;
 pub mod sock;
 pub mod state;
 pub mod tundev;
-pub mod wg;
 #[cfg(windows)]
 mod winpipe;

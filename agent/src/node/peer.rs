@@ -13,7 +13,7 @@ use disco::{DiscoBox, Message};
 use proto::tailcfg::Node;
 use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
 
-use crate::wg::WgPeer;
+use super::wg::WgPeer;
 
 /// Something the engine must send for this peer.
 #[derive(Debug)]
