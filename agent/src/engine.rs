@@ -1248,8 +1248,9 @@ impl Engine {
         self.buf = buf;
     }
 
-    /// Sends a WireGuard datagram to `key` on the path its disco state says (§3.3).
-    /// It is copied only where it must be kept: for a relay connection or to be held.
+    /// Sends a WireGuard datagram to `key` on the path its disco state says
+    /// (docs/protocols.md §3.3). It is copied only where it must be kept: for a relay
+    /// connection or to be held.
     async fn send_to_peer(&mut self, key: NodePublic, datagram: &[u8], now: Instant) {
         let Some(p) = self.peers.get_mut(&key) else {
             return;

@@ -1,6 +1,6 @@
 //! Relay connections, one per region: the home region's kept open (and marked preferred),
 //! others opened on demand when a peer lives there and closed after 60 s without a write
-//! (shared/PROTOCOLS.md §3.9). Each connection is a `relay::client::RelayClient` actor
+//! (docs/protocols.md §3.9). Each connection is a `relay::client::RelayClient` actor
 //! trying the region's nodes in order (after a node goes silent or refuses, the next
 //! attempt goes to the region's next node); its events are forwarded, tagged with the
 //! region, into one bounded channel the engine reads. Every lost connection is counted

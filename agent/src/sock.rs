@@ -1,5 +1,5 @@
 //! The UDP socket WireGuard, disco and STUN share, and the demultiplexer of what arrives
-//! on it (shared/PROTOCOLS.md §2.2). The socket gets large kernel buffers: with the
+//! on it (docs/protocols.md §2.2). The socket gets large kernel buffers: with the
 //! default 208 KiB a userspace WireGuard loses 10–15 % of packets at speed.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -1,5 +1,5 @@
 //! Every timer and threshold of path selection, each with the reason for its value.
-//! The first group follows tailscaled (shared/PROTOCOLS.md §3.1) so both ends agree on
+//! The first group follows tailscaled (docs/protocols.md §3.1) so both ends agree on
 //! rhythm; the second group is ours (the cost that keeps paths from flapping).
 
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Disco messages and their sealing, byte for byte as tailscaled speaks them
-//! (shared/PROTOCOLS.md §2): `magic "TS💬" ‖ sender disco key ‖ nonce ‖ tag ‖ ciphertext`,
+//! (docs/protocols.md §2): `magic "TS💬" ‖ sender disco key ‖ nonce ‖ tag ‖ ciphertext`,
 //! the plaintext being `type ‖ version ‖ body`. Parsing never panics: short, oversize,
 //! wrongly sealed or unknown messages come back as errors or [`Message::Unknown`].
 

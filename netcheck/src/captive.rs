@@ -1,7 +1,7 @@
 //! Captive-portal detection: a hotel or airport network that intercepts HTTP answers a
 //! relay's `/generate_204` with its login page instead of an empty 204. We ask relay
 //! nodes marked `CanPort80` over plain HTTP with a challenge header that a real relay
-//! echoes (shared/PROTOCOLS.md §1.9, §4.4).
+//! echoes (docs/protocols.md §1.9, §4.4).
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Every timer and limit of netcheck in one place, each with the reason for its value.
-//! Values follow Tailscale's `net/netcheck` (shared/PROTOCOLS.md §4) so that our reports
+//! Values follow Tailscale's `net/netcheck` (docs/protocols.md §4) so that our reports
 //! and home-region choices behave like tailscaled's.
 
 use std::time::Duration;

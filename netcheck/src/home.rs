@@ -1,4 +1,4 @@
-//! Choosing the home relay region from a history of reports (shared/PROTOCOLS.md §4.5).
+//! Choosing the home relay region from a history of reports (docs/protocols.md §4.5).
 //! Pure: reports and `now` in, a region out. A region's score is its best latency over
 //! the last five minutes (scaled by the relay map's `RegionScore`), and the home moves
 //! only for a clear gain — at least 10 ms *and* more than a third faster — while the old

@@ -1,5 +1,5 @@
 //! The probe plan: which relay nodes get STUN probes, over which address family, and when
-//! (shared/PROTOCOLS.md §4.3). Pure: a relay map and the previous report in, a list of
+//! (docs/protocols.md §4.3). Pure: a relay map and the previous report in, a list of
 //! probes out. Resolving node addresses and sending are the runner's job.
 
 use std::collections::BTreeMap;

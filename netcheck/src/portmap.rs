@@ -1,5 +1,5 @@
 //! Port mapping: asking the home router to forward a public UDP port to our socket, with
-//! UPnP IGD, NAT-PMP or PCP (shared/PROTOCOLS.md §5). The protocols themselves come from
+//! UPnP IGD, NAT-PMP or PCP (docs/protocols.md §5). The protocols themselves come from
 //! n0's maintained `portmapper` crate (UPnP through igd-next, NAT-PMP and PCP codecs,
 //! renewal at half the lease, release on deactivation); this file is the one place that
 //! knows that crate, so it can be swapped without touching callers.

@@ -1,4 +1,4 @@
-//! The netcheck report (shared/PROTOCOLS.md §4.1) and the pure machinery that fills it:
+//! The netcheck report (docs/protocols.md §4.1) and the pure machinery that fills it:
 //! [`StunPhase`] runs a [`ProbePlan`](crate::plan::ProbePlan) with time passed in —
 //! which probe is due, which answer belongs to which probe, when the phase is over — and
 //! folds answers into a [`Report`]. No sockets and no clock here.

@@ -65,7 +65,7 @@ pub fn request(tx: TxId) -> Vec<u8> {
 }
 
 /// Cheap check, before any parsing, that `pkt` looks like a STUN binding response: the
-/// demultiplexer of a shared UDP socket uses it (shared/PROTOCOLS.md §2.2).
+/// demultiplexer of a shared UDP socket uses it (docs/protocols.md §2.2).
 pub fn looks_like_response(pkt: &[u8]) -> bool {
     pkt.len() >= 20 && pkt[0] & 0xC0 == 0 && pkt[1] == 0x01 && pkt[4..8] == MAGIC_COOKIE
 }

@@ -18,7 +18,7 @@
 //! Everything a [`Lab`] makes (namespaces, links, processes, services) is removed when it
 //! drops, also when the test panics; namespaces of crashed earlier runs are removed by the
 //! next [`Lab::new`]. Labs in parallel test threads do not collide. Facts about this
-//! machine that shaped the lab are in shared/LAB_NOTES.md.
+//! machine that shaped the lab are in docs/lab.md.
 
 pub mod emulator;
 pub mod error;

@@ -1,4 +1,4 @@
-//! Per-peer path selection (shared/PROTOCOLS.md §3), as a state machine with no I/O and
+//! Per-peer path selection (docs/protocols.md §3), as a state machine with no I/O and
 //! no clock: the caller feeds what happened (`set_endpoints`, `on_ping`, `on_pong`,
 //! `on_call_me_maybe`, `on_data_sent`, `handle_timeout`) with the time, and drains what
 //! to do (`poll_action`: send a ping, send call-me-maybe, the path changed) and when to

@@ -1,4 +1,4 @@
-//! How two direct paths compare (shared/PROTOCOLS.md §3.5): the latency a path is judged
+//! How two direct paths compare (docs/protocols.md §3.5): the latency a path is judged
 //! by, points for being faster and for the kind of address, a deduction for recent
 //! failures, and the margin a challenger needs. It knows nothing of timers or phases;
 //! `PathState` asks it only which latency a candidate has and whether a challenger
