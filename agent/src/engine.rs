@@ -51,9 +51,6 @@ const RELAY_CLEANUP: Duration = Duration::from_secs(15);
 const QUEUE: usize = 1024;
 /// Largest datagram we read.
 const MAX_DATAGRAM: usize = 65_535;
-/// A handshake initiation is repeated early (on a new direct path) only this long after
-/// the last one.
-const REINITIATE_AFTER: Duration = Duration::from_millis(200);
 /// Largest run of datagrams sent in one call (the kernel's limit for one UDP GSO send).
 const GSO_MAX_BYTES: usize = 64_000;
 /// Quick re-measurements of our endpoints because a direct path went quiet are at least
@@ -679,7 +676,7 @@ impl Engine {
                     let _ = renetcheck_tx.try_send(true);
                     portmapper.retry();
                     for p in self.peers.values_mut() {
-                        p.path.rediscover(now);
+                        p.rediscover(now);
                     }
                     self.dirty.extend(self.peers.keys().copied());
                 }
@@ -815,7 +812,7 @@ impl Engine {
             .peers
             .apply(nm.peers.values(), &self.me, &self.disco, now);
         for k in &change.added {
-            let name = self.peers.get(k).map(|p| p.name.as_str()).unwrap_or("");
+            let name = self.peers.get(k).map(|p| p.name()).unwrap_or("");
             tracing::info!(peer = %k.short(), %name, "peer added");
         }
         for k in &change.removed {
@@ -917,7 +914,7 @@ impl Engine {
         };
         p.on_data_sent(now);
         let (udp, relay) = p.send_targets(now);
-        let region = p.home_region;
+        let region = p.home_region();
         self.dirty.insert(key);
         let relay_region = region.filter(|_| relay);
         if udp.is_none() && relay_region.is_none() {
@@ -945,8 +942,8 @@ impl Engine {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let pongs: Vec<_> = p.api_pongs.drain(..).collect();
-        let name = p.name.trim_end_matches('.').to_string();
+        let pongs = p.take_api_pongs();
+        let name = p.name().trim_end_matches('.').to_string();
         let address = self
             .netmap
             .as_ref()
@@ -997,7 +994,7 @@ impl Engine {
                     .peers
                     .route(ip)
                     .and_then(|k| self.peers.get(&k))
-                    .map(|p| self.peer_status(p, self.nodes_by_key().get(&p.key).copied(), now));
+                    .map(|p| self.peer_status(p, self.nodes_by_key().get(p.key()).copied(), now));
                 let _ = tx.send(p);
             }
         }
@@ -1027,20 +1024,20 @@ impl Engine {
         node: Option<&proto::tailcfg::Node>,
         now: Instant,
     ) -> proto::localapi::PeerStatus {
-        let (hs, tx, rx) = p.wg.stats();
-        let targets = p.path.send_targets(now);
-        let path = match (targets.udp, p.home_region.is_some()) {
+        let (hs, tx, rx) = p.wg_stats();
+        let targets = p.path().send_targets(now);
+        let path = match (targets.udp, p.home_region().is_some()) {
             (Some(_), _) => PeerPath::Direct,
             (None, true) => PeerPath::Relay,
             (None, false) => PeerPath::None,
         };
-        let mut reason = p.path.reason(now).describe(now);
+        let mut reason = p.path().reason(now).describe(now);
         if path == PeerPath::None {
             reason = "no path: the peer has no home relay yet and no direct path".into();
         }
         proto::localapi::PeerStatus {
-            name: p.name.trim_end_matches('.').to_string(),
-            node_key: p.key.to_string(),
+            name: p.name().trim_end_matches('.').to_string(),
+            node_key: p.key().to_string(),
             addresses: node
                 .map(|n| prefix_strings(&n.addresses))
                 .unwrap_or_default(),
@@ -1051,8 +1048,8 @@ impl Engine {
             online: node.and_then(|n| n.online),
             path,
             direct: targets.udp.map(|a| a.to_string()),
-            relay_region: p.home_region.map(RegionId::get),
-            relay_region_name: p.home_region.and_then(|r| self.region_name(r)),
+            relay_region: p.home_region().map(RegionId::get),
+            relay_region_name: p.home_region().and_then(|r| self.region_name(r)),
             reason,
             last_handshake_secs: hs.map(|d| d.as_secs_f64()),
             rx_bytes: rx as u64,
@@ -1115,7 +1112,7 @@ impl Engine {
                 let mut m = self.counters.to_map(&self.relays.counters);
                 // Path selection's counters, summed over the current peers.
                 for p in self.peers.values() {
-                    for (name, n) in p.path.counters.named() {
+                    for (name, n) in p.path().counters.named() {
                         *m.entry(format!("disco_{name}")).or_default() += n;
                     }
                 }
@@ -1124,7 +1121,7 @@ impl Engine {
             peers: self
                 .peers
                 .values()
-                .map(|p| self.peer_status(p, nodes.get(&p.key).copied(), now))
+                .map(|p| self.peer_status(p, nodes.get(p.key()).copied(), now))
                 .collect(),
         }
     }
@@ -1198,7 +1195,7 @@ impl Engine {
             // packets to our old endpoint are being dropped.
             let now = Instant::now();
             for (k, p) in self.peers.iter_mut() {
-                p.path.our_endpoints_changed(now);
+                p.our_endpoints_changed(now);
                 self.dirty.insert(*k);
             }
             self.endpoints = dedup.clone();
@@ -1230,7 +1227,7 @@ impl Engine {
         // handed on without a copy: to the socket's run of datagrams, say).
         let mut buf = std::mem::take(&mut self.buf);
         let base = buf.as_ptr() as usize;
-        let sealed = match p.wg.encapsulate(pkt, &mut buf) {
+        let sealed = match p.encapsulate(pkt, &mut buf) {
             WgAction::Send(b) => Some((b.as_ptr() as usize - base, b.len())),
             WgAction::Drop(r) => {
                 *self.counters.wg_drop.entry(r).or_default() += 1;
@@ -1255,12 +1252,9 @@ impl Engine {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        if datagram.first() == Some(&1) {
-            // A handshake initiation (WireGuard message type 1).
-            p.last_initiation = Some(now);
-        }
+        p.note_sent(datagram, now);
         let (udp, relay) = p.send_targets(now);
-        let region = p.home_region;
+        let region = p.home_region();
         let mut sent = false;
         if let Some(addr) = udp {
             sent = self.queue_udp(addr, datagram).await;
@@ -1359,11 +1353,11 @@ impl Engine {
         }
         let mut ready = Vec::new();
         self.stalled.retain(|k| {
-            let Some(p) = self.peers.get(k).filter(|p| !p.stalled.is_empty()) else {
+            let Some(p) = self.peers.get(k).filter(|p| p.has_stalled()) else {
                 return false; // gone, or its packets went another way
             };
-            let has_path = p.path.send_targets(now).udp.is_some()
-                || p.home_region
+            let has_path = p.path().send_targets(now).udp.is_some()
+                || p.home_region()
                     .is_some_and(|r| self.relays.map().regions.contains_key(&r.get()));
             if has_path {
                 ready.push(*k);
@@ -1374,7 +1368,7 @@ impl Engine {
             let held = self
                 .peers
                 .get_mut(&k)
-                .map(|p| std::mem::take(&mut p.stalled))
+                .map(|p| p.take_stalled())
                 .unwrap_or_default();
             tracing::debug!(peer = %k.short(), n = held.len(), "sending held packets");
             for d in held {
@@ -1404,9 +1398,9 @@ impl Engine {
             for (k, p) in self
                 .peers
                 .iter_mut()
-                .filter(|(_, p)| p.home_region == Some(region))
+                .filter(|(_, p)| p.home_region() == Some(region))
             {
-                p.path.rediscover(now);
+                p.rediscover(now);
                 self.dirty.insert(*k);
             }
         }
@@ -1463,7 +1457,7 @@ impl Engine {
         };
         let now = Instant::now();
         let mut send: Vec<Bytes> = Vec::new();
-        match p.wg.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
+        match p.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
             WgAction::Deliver(d) => {
                 // Only packets from the addresses this peer owns reach the OS.
                 match sources.check(d) {
@@ -1486,7 +1480,7 @@ impl Engine {
             }
             WgAction::Send(b) => {
                 send.push(Bytes::copy_from_slice(b));
-                while let WgAction::Send(b) = p.wg.flush(&mut self.buf) {
+                while let WgAction::Send(b) = p.flush(&mut self.buf) {
                     send.push(Bytes::copy_from_slice(b));
                 }
             }
@@ -1498,7 +1492,7 @@ impl Engine {
         }
         if relay_src.is_none() && from.is_some() {
             // Authentic and direct: the direct path is alive (disco's silence check).
-            p.path.on_heard_direct(now);
+            p.on_heard_direct(now);
         }
         self.last_packet = now;
         for b in send {
@@ -1544,7 +1538,7 @@ impl Engine {
         };
         match p.handle_disco(pkt, via, relay_src, now) {
             Ok(()) => {
-                if !p.api_pongs.is_empty() {
+                if p.has_api_pongs() {
                     self.collect_api_pongs(key, now);
                 }
             }
@@ -1598,20 +1592,10 @@ impl Engine {
         while let Some(e) = p.poll_event(&self.disco_pub, &self.me_pub, &self.endpoints) {
             out.push(e);
         }
-        // A direct path appeared while our handshake is still unanswered: the initiation
-        // was probably lost (the peer's relay connection was not up yet, say). Send a new
-        // one on the path that works instead of waiting out WireGuard's 5 s retry.
-        let mut reinit = None;
-        if std::mem::take(&mut p.went_direct)
-            && p.wg.no_session()
-            && p.last_initiation
-                .is_some_and(|t| now.saturating_duration_since(t) >= REINITIATE_AFTER)
-        {
-            if let WgAction::Send(b) = p.wg.initiate(&mut self.buf) {
-                reinit = Some(Bytes::copy_from_slice(b));
-            }
-        }
-        if std::mem::take(&mut p.path_quiet) {
+        let reinit = p
+            .reinitiation(now, &mut self.buf)
+            .map(Bytes::copy_from_slice);
+        if p.take_path_quiet() {
             self.restun_wanted = true;
         }
         for e in out {
@@ -1662,7 +1646,7 @@ impl Engine {
         for k in keys {
             let mut send = Vec::new();
             if let Some(p) = self.peers.get_mut(&k) {
-                if let WgAction::Send(b) = p.wg.tick(&mut self.buf) {
+                if let WgAction::Send(b) = p.tick(&mut self.buf) {
                     send.push(Bytes::copy_from_slice(b));
                 }
             }

@@ -1,6 +1,7 @@
 //! The agent's pure core, growing out of the engine: what it decides has no sockets,
 //! no tasks and no clock of its own — time comes in as an argument and what to send
-//! goes out as values, so it is tested with simulated time.
+//! goes out as values, so it is tested with simulated time (`docs/agent-core.md` says
+//! where the split stands and where it goes).
 //!
 //! Parts so far: [`wg`] (WireGuard through boringtun, and where an incoming datagram
 //! belongs), [`peer`] (one peer: its WireGuard session, disco state and held packets),

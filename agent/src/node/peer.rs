@@ -13,7 +13,7 @@ use disco::{DiscoBox, Message};
 use proto::tailcfg::Node;
 use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
 
-use super::wg::WgPeer;
+use super::wg::{WgAction, WgPeer};
 
 /// Something the engine must send for this peer.
 #[derive(Debug)]
@@ -38,37 +38,40 @@ pub enum DiscoDrop {
 
 /// Replies waiting to be sent (pongs), bounded.
 const MAX_PENDING: usize = 64;
+/// A handshake initiation is repeated early (on a new direct path) only this long after
+/// the last one.
+const REINITIATE_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 /// WireGuard datagrams held while the peer has no path at all (no home region known
 /// yet, no direct address): sent as soon as one appears. A handshake initiation and a
 /// few packets behind it are all that is worth keeping.
 pub const MAX_STALLED: usize = 16;
 
 pub struct Peer {
-    pub key: NodePublic,
-    pub index: u32,
-    pub wg: WgPeer,
-    pub disco_key: Option<DiscoPublic>,
+    key: NodePublic,
+    index: u32,
+    wg: WgPeer,
+    disco_key: Option<DiscoPublic>,
     disco_box: Option<DiscoBox>,
-    pub path: PathState,
-    pub allowed_ips: Vec<proto::IpNet>,
+    path: PathState,
+    allowed_ips: Vec<proto::IpNet>,
     /// The peer's home relay region, if it has one yet.
-    pub home_region: Option<RegionId>,
-    pub name: String,
+    home_region: Option<RegionId>,
+    name: String,
     /// Pongs to send, and where.
     pending: VecDeque<(Via, Message)>,
     /// Transaction IDs of pings sent for the local API (`agentctl ping`), bounded.
-    pub api_pings: std::collections::BTreeSet<disco::TxId>,
+    api_pings: std::collections::BTreeSet<disco::TxId>,
     /// Their answers, for the engine to collect.
-    pub api_pongs: VecDeque<(disco::TxId, Via)>,
+    api_pongs: VecDeque<(disco::TxId, Via)>,
     /// When we last sent a WireGuard handshake initiation.
-    pub last_initiation: Option<Instant>,
+    last_initiation: Option<Instant>,
     /// Path selection just found a direct path.
-    pub went_direct: bool,
+    went_direct: bool,
     /// The trusted direct path went quiet since the engine last looked: it measures
     /// our public endpoints again (a NAT rebinding moves them).
-    pub path_quiet: bool,
+    path_quiet: bool,
     /// Datagrams waiting for a path (bounded by [`MAX_STALLED`]).
-    pub stalled: VecDeque<bytes::Bytes>,
+    stalled: VecDeque<bytes::Bytes>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -141,6 +144,134 @@ impl Peer {
             self.path.rediscover(now);
         }
         self.name = node.name.clone();
+    }
+
+    pub fn key(&self) -> &NodePublic {
+        &self.key
+    }
+
+    /// Our session index for this peer (the receiver index its packets carry).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn disco_key(&self) -> Option<DiscoPublic> {
+        self.disco_key
+    }
+
+    /// The addresses and routes the peer owns.
+    pub fn allowed_ips(&self) -> &[proto::IpNet] {
+        &self.allowed_ips
+    }
+
+    pub fn home_region(&self) -> Option<RegionId> {
+        self.home_region
+    }
+
+    /// The peer's name from the netmap (a fully qualified name ending in a dot).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Path selection's state, to read (status, counters).
+    pub fn path(&self) -> &PathState {
+        &self.path
+    }
+
+    /// WireGuard statistics: time since the last handshake, bytes sent and received.
+    pub fn wg_stats(&self) -> (Option<std::time::Duration>, usize, usize) {
+        self.wg.stats()
+    }
+
+    /// Encrypts an IP packet for the peer into `out`.
+    pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> WgAction<'a> {
+        self.wg.encapsulate(packet, out)
+    }
+
+    /// Decrypts a datagram from the peer (`from`: its address when it came directly).
+    pub fn decapsulate<'a>(
+        &mut self,
+        from: Option<std::net::IpAddr>,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> WgAction<'a> {
+        self.wg.decapsulate(from, datagram, out)
+    }
+
+    /// The next queued WireGuard datagram (after a handshake completes).
+    pub fn flush<'a>(&mut self, out: &'a mut [u8]) -> WgAction<'a> {
+        self.wg.flush(out)
+    }
+
+    /// WireGuard's timers: a keepalive, a handshake retry, or nothing.
+    pub fn tick<'a>(&mut self, out: &'a mut [u8]) -> WgAction<'a> {
+        self.wg.tick(out)
+    }
+
+    /// Notes a WireGuard datagram on its way to the peer (a handshake initiation is
+    /// remembered, for [`Peer::reinitiation`]).
+    pub fn note_sent(&mut self, datagram: &[u8], now: Instant) {
+        if datagram.first() == Some(&1) {
+            self.last_initiation = Some(now);
+        }
+    }
+
+    /// A fresh handshake initiation when a direct path just appeared while ours is
+    /// still unanswered: the first was probably lost (the peer's relay connection was
+    /// not up yet, say), and the path that works now need not wait out WireGuard's 5 s
+    /// retry. At most once per direct path found.
+    pub fn reinitiation<'a>(&mut self, now: Instant, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        let due = std::mem::take(&mut self.went_direct)
+            && self.wg.no_session()
+            && self
+                .last_initiation
+                .is_some_and(|t| now.saturating_duration_since(t) >= REINITIATE_AFTER);
+        if !due {
+            return None;
+        }
+        match self.wg.initiate(out) {
+            WgAction::Send(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Whether the direct path went quiet (or was lost) since the last call.
+    pub fn take_path_quiet(&mut self) -> bool {
+        std::mem::take(&mut self.path_quiet)
+    }
+
+    /// Answers to `agentctl ping`s that arrived since the last call.
+    pub fn take_api_pongs(&mut self) -> Vec<(disco::TxId, Via)> {
+        self.api_pongs.drain(..).collect()
+    }
+
+    pub fn has_api_pongs(&self) -> bool {
+        !self.api_pongs.is_empty()
+    }
+
+    /// Look for a direct path again at once (the network changed).
+    pub fn rediscover(&mut self, now: Instant) {
+        self.path.rediscover(now);
+    }
+
+    /// Our endpoints changed: tell the peer (call-me-maybe) and ping again.
+    pub fn our_endpoints_changed(&mut self, now: Instant) {
+        self.path.our_endpoints_changed(now);
+    }
+
+    /// An authentic WireGuard datagram came directly: the direct path is alive.
+    pub fn on_heard_direct(&mut self, now: Instant) {
+        self.path.on_heard_direct(now);
+    }
+
+    /// Whether datagrams are held for a path.
+    pub fn has_stalled(&self) -> bool {
+        !self.stalled.is_empty()
+    }
+
+    /// The held datagrams, to send now that a path exists.
+    pub fn take_stalled(&mut self) -> VecDeque<bytes::Bytes> {
+        std::mem::take(&mut self.stalled)
     }
 
     /// Holds a datagram that found no path; false (and nothing held) when full.
@@ -572,5 +703,52 @@ mod tests {
         assert!(out
             .iter()
             .any(|(to, _, _)| to.map(|a| a.to_string()) == Some(ep.into())));
+    }
+
+    #[test]
+    fn a_lost_initiation_is_sent_again_once_when_a_direct_path_appears() {
+        let p = pair();
+        let t0 = Instant::now();
+        let mut peer = Peer::new(&node(&p, &[], 901, true), &p.me, &p.my_disco, 1, t0);
+        let mut buf = vec![0u8; 2048];
+        // No initiation sent yet: nothing to repeat.
+        peer.went_direct = true;
+        assert!(peer.reinitiation(t0, &mut buf).is_none());
+
+        let first = match peer.encapsulate(&[0x45; 40], &mut buf) {
+            WgAction::Send(b) => b.to_vec(),
+            other => panic!("expected a handshake initiation, got {other:?}"),
+        };
+        assert_eq!(first[0], 1, "WireGuard message type 1");
+        peer.note_sent(&first, t0);
+        // Too soon after the first one.
+        peer.went_direct = true;
+        let soon = t0 + REINITIATE_AFTER / 2;
+        assert!(peer.reinitiation(soon, &mut buf).is_none());
+        // Later, with a direct path just found and still no session: once.
+        peer.went_direct = true;
+        let later = t0 + REINITIATE_AFTER;
+        let again = peer.reinitiation(later, &mut buf).expect("sent again");
+        assert_eq!(again[0], 1);
+        assert!(
+            peer.reinitiation(later, &mut buf).is_none(),
+            "once per path found"
+        );
+    }
+
+    #[test]
+    fn held_datagrams_are_bounded_and_handed_back_in_order() {
+        let p = pair();
+        let now = Instant::now();
+        let mut peer = Peer::new(&node(&p, &[], 0, true), &p.me, &p.my_disco, 1, now);
+        for i in 0..MAX_STALLED {
+            assert!(peer.stall(bytes::Bytes::from(vec![i as u8])));
+        }
+        assert!(!peer.stall(bytes::Bytes::from_static(b"x")), "full");
+        assert!(peer.has_stalled());
+        let held: Vec<u8> = peer.take_stalled().iter().map(|b| b[0]).collect();
+        assert_eq!(held, (0..MAX_STALLED as u8).collect::<Vec<_>>());
+        assert!(!peer.has_stalled());
+        assert!(peer.stall(bytes::Bytes::from_static(b"y")), "room again");
     }
 }

@@ -121,7 +121,7 @@ impl PeerTable {
             .collect();
         for k in gone {
             if let Some(p) = self.peers.remove(&k) {
-                self.by_index.remove(&p.index);
+                self.by_index.remove(&p.index());
                 change.removed.push(k);
             }
         }
@@ -147,7 +147,7 @@ impl PeerTable {
             change.added.push(node.key);
         }
         change.disco_conflicts = self.index_disco_keys();
-        self.routes = RouteTable::build(self.peers.iter().map(|(k, p)| (*k, &p.allowed_ips[..])));
+        self.routes = RouteTable::build(self.peers.iter().map(|(k, p)| (*k, p.allowed_ips())));
         change
     }
 
@@ -168,7 +168,7 @@ impl PeerTable {
     fn index_disco_keys(&mut self) -> u64 {
         let mut owners: BTreeMap<DiscoPublic, Option<NodePublic>> = BTreeMap::new();
         for (k, p) in &self.peers {
-            if let Some(d) = p.disco_key {
+            if let Some(d) = p.disco_key() {
                 owners
                     .entry(d)
                     .and_modify(|owner| *owner = None)
@@ -272,7 +272,7 @@ impl PeerTable {
         self.peers
             .iter()
             .find(|(_, p)| {
-                let n = p.name.trim_end_matches('.');
+                let n = p.name().trim_end_matches('.');
                 n == t || n.split('.').next() == Some(t)
             })
             .map(|(k, _)| *k)
@@ -328,15 +328,15 @@ mod tests {
         let (a, b) = (node(1, None, &[]), node(2, None, &[]));
         let c = t.apply([&a, &b], &k.me, &k.disco, now);
         assert_eq!(c.added.len(), 2);
-        let index_a = t.get(&a.key).unwrap().index;
+        let index_a = t.get(&a.key).unwrap().index();
         assert_eq!(t.by_index(index_a), Some(a.key));
 
         // b leaves, a stays with its session index; its replacement gets a new index.
         let d = node(3, None, &[]);
         let c = t.apply([&a, &d], &k.me, &k.disco, now);
         assert_eq!((c.updated, c.removed), (vec![a.key], vec![b.key]));
-        assert_eq!(t.get(&a.key).unwrap().index, index_a);
-        let index_d = t.get(&d.key).unwrap().index;
+        assert_eq!(t.get(&a.key).unwrap().index(), index_a);
+        let index_d = t.get(&d.key).unwrap().index();
         assert_ne!(index_d, index_a);
         assert_eq!(t.by_index(index_d), Some(d.key));
         assert_eq!(t.len(), 2);
