@@ -12,13 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use control::dial::ControlUrl;
 use control::session::{ControlSession, SessionConfig, SessionState};
 use netcheck::{Netchecker, PortMapper, Report, StunInbox};
 use proto::netmap::NetMap;
 use proto::tailcfg::Hostinfo;
-use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
+use proto::{DiscoPrivate, NodePrivate, NodePublic, RegionId};
 use rand::Rng as _;
 use relay::client::RelayEvent;
 use tokio::net::UdpSocket;
@@ -26,10 +25,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{PingError, Query};
 use crate::ipv6::Ipv6Support;
-use crate::node::peer::{Peer, PeerEvent};
-use crate::node::peers::{PeerTable, SourceCheck, MAX_PEERS};
-use crate::node::routes;
-use crate::node::wg::{self, WgAction, WgRoute};
+use crate::node::core::{ApiPingError, Counters, Node};
+use crate::node::outbox::Run;
+use crate::node::peer::Peer;
+use crate::node::peers::MAX_PEERS;
 use crate::relays::Relays;
 use crate::sock::{self, Kind, RecvBuffers, UdpIo};
 use crate::tundev::{RecvBatch, SendBatch, TunDevice, BATCH};
@@ -49,10 +48,6 @@ const NETMON_INTERVAL: Duration = Duration::from_secs(2);
 const RELAY_CLEANUP: Duration = Duration::from_secs(15);
 /// Bounded queues between the I/O tasks and the engine.
 const QUEUE: usize = 1024;
-/// Largest datagram we read.
-const MAX_DATAGRAM: usize = 65_535;
-/// Largest run of datagrams sent in one call (the kernel's limit for one UDP GSO send).
-const GSO_MAX_BYTES: usize = 64_000;
 /// Quick re-measurements of our endpoints because a direct path went quiet are at least
 /// this far apart (many peers going quiet at once is one event: our NAT moved us).
 const RESTUN_MIN_INTERVAL: Duration = Duration::from_secs(2);
@@ -84,66 +79,10 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// Counters of everything the engine drops or does, by reason.
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub tun_no_route: u64,
-    pub tun_bad_packet: u64,
-    pub udp_unknown: u64,
-    pub wg_unknown_peer: u64,
-    pub wg_drop: BTreeMap<&'static str, u64>,
-    pub disco_unknown_sender: u64,
-    pub disco_bad: u64,
-    pub disco_key_conflicts: u64,
-    pub disco_cmm_not_via_relay: u64,
-    pub send_no_path: u64,
-    pub stalled_dropped: u64,
-    pub udp_send_errors: u64,
-    pub tun_write_errors: u64,
-    pub relay_packets_in: u64,
-    pub peers_over_limit: u64,
-    /// IPv6 tunnel packets to or from peers on a host without IPv6.
-    pub ipv6_off_dropped: u64,
-    /// Times the TUN device disappeared and was made again.
-    pub tun_recreated: u64,
-    /// Quick reports asked for because a direct path went quiet.
-    pub restun_quiet_path: u64,
-    /// Entries of peers' `Addresses`/`AllowedIPs` that were not IP prefixes.
-    pub rejected_prefixes: u64,
-}
-
-impl Counters {
-    /// Every counter by name, with the relay connections' (for `agentctl status --json`).
-    fn to_map(&self, relays: &crate::relays::RelayCounters) -> BTreeMap<String, u64> {
-        let mut m: BTreeMap<String, u64> = [
-            ("tun_no_route", self.tun_no_route),
-            ("tun_bad_packet", self.tun_bad_packet),
-            ("udp_unknown", self.udp_unknown),
-            ("wg_unknown_peer", self.wg_unknown_peer),
-            ("disco_unknown_sender", self.disco_unknown_sender),
-            ("disco_bad", self.disco_bad),
-            ("disco_key_conflicts", self.disco_key_conflicts),
-            ("disco_cmm_not_via_relay", self.disco_cmm_not_via_relay),
-            ("send_no_path", self.send_no_path),
-            ("stalled_dropped", self.stalled_dropped),
-            ("udp_send_errors", self.udp_send_errors),
-            ("tun_write_errors", self.tun_write_errors),
-            ("relay_packets_in", self.relay_packets_in),
-            ("peers_over_limit", self.peers_over_limit),
-            ("ipv6_off_dropped", self.ipv6_off_dropped),
-            ("tun_recreated", self.tun_recreated),
-            ("restun_quiet_path", self.restun_quiet_path),
-            ("rejected_prefixes", self.rejected_prefixes),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain(relays.named())
-        .collect();
-        for (reason, n) in &self.wg_drop {
-            m.insert(format!("wg_drop: {reason}"), *n);
-        }
-        m
-    }
+/// Every counter by name, the node's and the relay connections' (for `agentctl status
+/// --json`).
+fn counters_map(c: &Counters, relays: &crate::relays::RelayCounters) -> BTreeMap<String, u64> {
+    c.named().chain(relays.named()).collect()
 }
 
 /// Shared, read-mostly view of when relay regions were last heard from (for netcheck's
@@ -231,29 +170,9 @@ const MAX_API_PINGS: usize = 64;
 /// An unanswered `agentctl ping` is forgotten after this long.
 const API_PING_FORGET: Duration = Duration::from_secs(30);
 
-/// A run of same-size datagrams to one address, waiting to be sent in one call.
-struct Gso {
-    to: SocketAddr,
-    segment: usize,
-    buf: Vec<u8>,
-    count: usize,
-    /// A shorter (final) datagram was added: nothing more may follow.
-    closed: bool,
-}
-
 struct Engine {
-    me: NodePrivate,
-    /// Our public key, computed once (deriving it is a scalar multiplication).
-    me_pub: NodePublic,
-    /// Places incoming WireGuard datagrams (checks handshake MACs and rates first).
-    router: wg::Router,
-    /// When the handshake rate limit starts a new second.
-    rate_reset: Instant,
-    /// When a packet last went to or came from a peer (WireGuard or disco): the timer
-    /// tick is short only while they flow.
-    last_packet: Instant,
-    disco: DiscoPrivate,
-    disco_pub: DiscoPublic,
+    /// The data plane's decisions: peers, WireGuard, paths (the pure core).
+    node: Node,
     sock: Arc<UdpSocket>,
     udp: Arc<UdpIo>,
     /// The IPv6 socket, when the host has IPv6, and its port.
@@ -273,32 +192,17 @@ struct Engine {
     last_restun: Option<Instant>,
     /// Hands netcheck the IPv6 socket when it changes.
     netcheck_v6: watch::Sender<Option<Arc<UdpSocket>>>,
-    gso: Option<Gso>,
-    /// The last run's buffer, emptied, for the next run (no allocation per run).
-    gso_spare: Vec<u8>,
     port: u16,
     /// The control session; None while `agentctl down` holds the device down.
     session: Option<ControlSession>,
     session_cfg: SessionConfig,
     relays: Relays,
     relay_rx: mpsc::Receiver<(RegionId, RelayEvent)>,
-    peers: PeerTable,
     tun: Option<Arc<TunDevice>>,
-    /// Decrypted packets waiting to be written to the TUN device (at the end of the
-    /// batch being handled, or when BATCH have gathered): written by the engine itself,
-    /// one task fewer on the receive path.
-    tun_out: Vec<Vec<u8>>,
     tun_write: SendBatch,
-    endpoints: Vec<SocketAddr>,
     heard: HeardMap,
     /// The home region control was told of.
     reported_home: Option<RegionId>,
-    /// Peers whose disco state changed since the last `drive_peers` pass.
-    dirty: std::collections::BTreeSet<NodePublic>,
-    /// The earliest disco timer of any peer, as of the last `drive_peers` pass.
-    next_peer_wake: Option<Instant>,
-    /// Peers holding packets until they have a path.
-    stalled: std::collections::BTreeSet<NodePublic>,
     /// Updates for control not handed over yet (see `push_to_control`).
     pending_endpoints: Option<Vec<String>>,
     pending_home: Option<RegionId>,
@@ -307,9 +211,7 @@ struct Engine {
     api_waiters: BTreeMap<disco::TxId, ApiWaiter>,
     control_state: SessionState,
     last_report: Option<Report>,
-    counters: Counters,
     netmap: Option<Arc<NetMap>>,
-    buf: Vec<u8>,
 }
 
 impl Engine {
@@ -324,15 +226,14 @@ impl Engine {
     ) -> Self {
         let session = Some(ControlSession::spawn(session_cfg.clone()));
         let (relays, relay_rx) = Relays::new(me.clone());
-        let disco_pub = disco.public();
+        let mut node = Node::new(me, disco, Instant::now());
+        node.out.udp.set_max_segments(
+            udp.max_segments(),
+            sock6.as_ref().map_or(1, |(_, io)| io.max_segments()),
+        );
+        node.set_ipv6(true, sock6.is_some());
         Engine {
-            me_pub: me.public(),
-            router: wg::Router::new(&me),
-            rate_reset: Instant::now() + Duration::from_secs(1),
-            last_packet: Instant::now(),
-            me,
-            disco,
-            disco_pub,
+            node,
             udp,
             port6: sock6
                 .as_ref()
@@ -346,33 +247,23 @@ impl Engine {
             last_restun: None,
             stun_inbox: None,
             udp_tx: None,
-            gso: None,
-            gso_spare: Vec::new(),
             sock,
             port,
             session,
             session_cfg,
             relays,
             relay_rx,
-            peers: PeerTable::default(),
             tun: None,
-            tun_out: Vec::new(),
             tun_write: SendBatch::default(),
-            endpoints: Vec::new(),
             heard: Arc::default(),
             reported_home: None,
-            dirty: Default::default(),
-            next_peer_wake: None,
-            stalled: Default::default(),
             pending_endpoints: None,
             pending_home: None,
             control_url: String::new(),
             api_waiters: BTreeMap::new(),
             control_state: SessionState::Connecting,
             last_report: None,
-            counters: Counters::default(),
             netmap: None,
-            buf: vec![0u8; MAX_DATAGRAM + 64],
         }
     }
 
@@ -480,7 +371,10 @@ impl Engine {
         );
 
         loop {
-            let next_peer = self.next_peer_wake.map(tokio::time::Instant::from_std);
+            let next_peer = self
+                .node
+                .next_peer_wake()
+                .map(tokio::time::Instant::from_std);
             let wake = [
                 Some(next_wg_tick),
                 Some(next_cleanup),
@@ -499,8 +393,10 @@ impl Engine {
                 }
                 _ = tokio::time::sleep_until(wake) => {}
                 Some(batch) = tun_in_rx.recv() => {
+                    let now = Instant::now();
                     for pkt in &batch {
-                        self.on_tun_packet(pkt).await;
+                        self.node.handle_tun_packet(pkt, now);
+                        self.carry_out(now).await;
                     }
                 }
                 Some(()) = tun_err_rx.recv() => {
@@ -511,8 +407,10 @@ impl Engine {
                     }
                 }
                 Some(batch) = udp_rx.recv() => {
+                    let now = Instant::now();
                     for (pkt, from) in &batch {
-                        self.on_udp_packet(pkt, *from).await;
+                        self.node.handle_udp(pkt, *from, now);
+                        self.carry_out(now).await;
                     }
                 }
                 Some((region, ev)) = self.relay_rx.recv() => self.on_relay_event(region, ev).await,
@@ -526,6 +424,9 @@ impl Engine {
                             if map_tx.borrow().as_ref() != Some(m) {
                                 map_tx.send_replace(Some(m.clone()));
                                 self.relays.set_map(m.clone());
+                                self.node.set_relay_regions(
+                                    m.regions.keys().filter_map(|r| RegionId::new(*r)),
+                                );
                             }
                         }
                         if self.tun.is_none() {
@@ -623,13 +524,14 @@ impl Engine {
             }
             let now = Instant::now();
             let t = tokio::time::Instant::now();
-            let busy = now.saturating_duration_since(self.last_packet) < IDLE_AFTER;
+            let busy = now.saturating_duration_since(self.node.last_packet()) < IDLE_AFTER;
             if t >= next_wg_tick {
                 if self.tun.as_ref().is_some_and(|t| !t.still_there()) {
                     self.recreate_tun(&cfg, &mut tun_tasks, &tun_in_tx, &tun_err_tx)?;
                 }
                 self.sync_heard();
-                self.tick_wireguard().await;
+                self.node.tick_wireguard(now);
+                self.carry_out(now).await;
                 next_wg_tick = t + if busy { WG_TICK } else { WG_IDLE_TICK };
             } else if busy && next_wg_tick > t + WG_TICK {
                 // Packets again after a quiet spell: back to the short tick at once.
@@ -640,9 +542,10 @@ impl Engine {
                 next_cleanup = tokio::time::Instant::now() + RELAY_CLEANUP;
             }
             self.flush_tun().await;
-            self.flush_stalled(now).await;
-            self.drive_peers(now).await;
-            self.flush_udp().await;
+            self.node.flush_stalled(now);
+            self.node.drive_peers(now);
+            self.carry_out_all(now).await;
+            self.restun_wanted |= self.node.take_restun_wanted();
             if self.pending_endpoints.is_some() || self.pending_home.is_some() {
                 self.push_to_control();
             }
@@ -655,7 +558,7 @@ impl Engine {
                 // and peers must learn the new one now (see `update_endpoints`).
                 self.restun_wanted = false;
                 self.last_restun = Some(now);
-                self.counters.restun_quiet_path += 1;
+                self.node.counters.restun_quiet_path += 1;
                 let _ = renetcheck_tx.try_send(false);
             }
             if tokio::time::Instant::now() >= next_netmon {
@@ -675,10 +578,7 @@ impl Engine {
                     local_net = net;
                     let _ = renetcheck_tx.try_send(true);
                     portmapper.retry();
-                    for p in self.peers.values_mut() {
-                        p.rediscover(now);
-                    }
-                    self.dirty.extend(self.peers.keys().copied());
+                    self.node.rediscover_all(now);
                 }
             }
         }
@@ -731,7 +631,7 @@ impl Engine {
         tracing::warn!(dev = %name, "the TUN device disappeared: making it again");
         tun_tasks.clear();
         self.tun = None;
-        self.tun_out.clear();
+        self.node.out.tun.clear();
         self.tun_write = SendBatch::default();
         let nm = self.netmap.clone();
         let tun = nm
@@ -748,7 +648,7 @@ impl Engine {
             tun_err_tx.clone(),
         ));
         self.tun = Some(tun);
-        self.counters.tun_recreated += 1;
+        self.node.counters.tun_recreated += 1;
         Ok(())
     }
 
@@ -762,9 +662,7 @@ impl Engine {
         self.port6 = None;
         self.udp6_reader = None;
         self.netcheck_v6.send_replace(None);
-        if self.gso.as_ref().is_some_and(|g| g.to.is_ipv6()) {
-            self.gso = None;
-        }
+        self.sync_ipv6();
     }
 
     /// IPv6 was off and the host's settings now allow it: the IPv6 socket, its reader,
@@ -799,6 +697,7 @@ impl Engine {
         }
         self.netcheck_v6.send_replace(Some(Arc::clone(&pair.0)));
         self.sock6 = Some(pair);
+        self.sync_ipv6();
         tracing::info!(port6 = ?self.port6, "IPv6 is on now: IPv6 socket and tunnel address added");
         true
     }
@@ -808,19 +707,14 @@ impl Engine {
         for node in nm.peers.values() {
             tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = ?node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
         }
-        let change = self
-            .peers
-            .apply(nm.peers.values(), &self.me, &self.disco, now);
+        let change = self.node.apply_netmap(nm.peers.values(), now);
         for k in &change.added {
-            let name = self.peers.get(k).map(|p| p.name()).unwrap_or("");
+            let name = self.node.peers().get(k).map(|p| p.name()).unwrap_or("");
             tracing::info!(peer = %k.short(), %name, "peer added");
         }
         for k in &change.removed {
             tracing::info!(peer = %k.short(), "peer removed");
         }
-        self.dirty
-            .extend(change.added.iter().chain(&change.updated).copied());
-        self.counters.peers_over_limit += change.over_limit;
         if change.over_limit > 0 {
             tracing::warn!(
                 skipped = change.over_limit,
@@ -829,11 +723,9 @@ impl Engine {
             );
         }
         if change.disco_conflicts > 0 {
-            self.counters.disco_key_conflicts += change.disco_conflicts;
             tracing::warn!("peers share a disco key; disco with them is ignored");
         }
         if change.rejected_prefixes > 0 {
-            self.counters.rejected_prefixes += change.rejected_prefixes;
             tracing::warn!(
                 rejected = change.rejected_prefixes,
                 "ignoring addresses or routes of peers that are not IP prefixes"
@@ -845,21 +737,15 @@ impl Engine {
     /// connections. The socket and the netcheck task stay, ready for `agentctl up`.
     fn go_down(&mut self) {
         self.session = None;
-        self.tun_out.clear();
+        self.node.clear();
         self.tun_write = SendBatch::default();
         self.tun = None;
-        self.peers.clear();
-        self.dirty.clear();
-        self.stalled.clear();
-        self.next_peer_wake = None;
         self.relays.close_all();
         self.reported_home = None;
         self.pending_endpoints = None;
         self.pending_home = None;
         self.netmap = None;
-        self.endpoints.clear();
         self.control_state = SessionState::Connecting;
-        self.gso = None;
     }
 
     async fn on_report(&mut self, report: &Report, ext: &Option<std::net::SocketAddrV4>) {
@@ -888,7 +774,7 @@ impl Engine {
         >,
         now: Instant,
     ) {
-        let Some(key) = self.peers.find(target) else {
+        let Some(key) = self.node.peers().find(target) else {
             let _ = tx.send(Err(PingError::NoSuchPeer(format!(
                 "no peer named or addressed {target:?}"
             ))));
@@ -902,56 +788,40 @@ impl Engine {
             return;
         }
         let tx_id: disco::TxId = rand::random();
-        let (me_disco, me_node) = (self.disco_pub, self.me_pub);
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        let Some(packet) = p.seal_ping(&me_disco, &me_node, tx_id) else {
-            let _ = tx.send(Err(PingError::NotYet(
-                "the peer has no disco key yet".into(),
-            )));
-            return;
-        };
-        p.on_data_sent(now);
-        let (udp, relay) = p.send_targets(now);
-        let region = p.home_region();
-        self.dirty.insert(key);
-        let relay_region = region.filter(|_| relay);
-        if udp.is_none() && relay_region.is_none() {
-            let _ = tx.send(Err(PingError::NotYet(
-                "no path to the peer yet (no relay, no direct address)".into(),
-            )));
-            return;
-        }
-        self.api_waiters.insert(tx_id, (now, tx));
-        if let Some(addr) = udp {
-            if let Some(sock) = self.sock_for(addr) {
-                let pkt = packet.clone();
-                tokio::spawn(async move {
-                    let _ = sock.send_to(&pkt, addr).await;
-                });
+        match self.node.api_ping(&key, tx_id, now) {
+            Ok(()) => {
+                self.api_waiters.insert(tx_id, (now, tx));
             }
-        }
-        if let Some(region) = relay_region {
-            self.relays.send(region, key, Bytes::from(packet), now);
+            Err(ApiPingError::NoSuchPeer) => {}
+            Err(ApiPingError::NoDiscoKey) => {
+                let _ = tx.send(Err(PingError::NotYet(
+                    "the peer has no disco key yet".into(),
+                )));
+            }
+            Err(ApiPingError::NoPath) => {
+                let _ = tx.send(Err(PingError::NotYet(
+                    "no path to the peer yet (no relay, no direct address)".into(),
+                )));
+            }
         }
     }
 
     /// Answers `agentctl ping`s whose pongs arrived.
-    fn collect_api_pongs(&mut self, key: NodePublic, now: Instant) {
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        let pongs = p.take_api_pongs();
-        let name = p.name().trim_end_matches('.').to_string();
-        let address = self
-            .netmap
-            .as_ref()
-            .and_then(|nm| nm.peer_by_key(&key))
-            .and_then(|n| n.addresses.first())
-            .map(|a| a.addr().to_string())
-            .unwrap_or_default();
-        for (tx_id, via) in pongs {
+    fn answer_api_pings(&mut self, now: Instant) {
+        while let Some((key, tx_id, via)) = self.node.out.api_pongs.pop_front() {
+            let name = self
+                .node
+                .peers()
+                .get(&key)
+                .map(|p| p.name().trim_end_matches('.').to_string())
+                .unwrap_or_default();
+            let address = self
+                .netmap
+                .as_ref()
+                .and_then(|nm| nm.peer_by_key(&key))
+                .and_then(|n| n.addresses.first())
+                .map(|a| a.addr().to_string())
+                .unwrap_or_default();
             let Some((sent, tx)) = self.api_waiters.remove(&tx_id) else {
                 continue;
             };
@@ -991,9 +861,10 @@ impl Engine {
             Query::Netcheck(_) | Query::Up(_) | Query::Down(_) => {}
             Query::Whois(ip, tx) => {
                 let p = self
-                    .peers
+                    .node
+                    .peers()
                     .route(ip)
-                    .and_then(|k| self.peers.get(&k))
+                    .and_then(|k| self.node.peers().get(&k))
                     .map(|p| self.peer_status(p, self.nodes_by_key().get(p.key()).copied(), now));
                 let _ = tx.send(p);
             }
@@ -1090,10 +961,15 @@ impl Engine {
                 name: me
                     .map(|n| n.name.trim_end_matches('.').to_string())
                     .unwrap_or_default(),
-                node_key: self.me_pub.to_string(),
+                node_key: self.node.public_key().to_string(),
                 addresses: me.map(|n| prefix_strings(&n.addresses)).unwrap_or_default(),
                 os: std::env::consts::OS.into(),
-                endpoints: self.endpoints.iter().map(|e| e.to_string()).collect(),
+                endpoints: self
+                    .node
+                    .endpoints()
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect(),
                 home_region: home.map(RegionId::get),
                 home_region_name: home.and_then(|h| self.region_name(h)),
                 home_latency_ms: home.and_then(|h| {
@@ -1109,9 +985,9 @@ impl Engine {
                 },
             },
             counters: {
-                let mut m = self.counters.to_map(&self.relays.counters);
+                let mut m = counters_map(&self.node.counters, &self.relays.counters);
                 // Path selection's counters, summed over the current peers.
-                for p in self.peers.values() {
+                for p in self.node.peers().values() {
                     for (name, n) in p.path().counters.named() {
                         *m.entry(format!("disco_{name}")).or_default() += n;
                     }
@@ -1119,7 +995,8 @@ impl Engine {
                 m
             },
             peers: self
-                .peers
+                .node
+                .peers()
                 .values()
                 .map(|p| self.peer_status(p, nodes.get(p.key()).copied(), now))
                 .collect(),
@@ -1188,129 +1065,56 @@ impl Engine {
                 dedup.push(e);
             }
         }
-        if dedup != self.endpoints {
+        if dedup != self.node.endpoints() {
             tracing::info!(endpoints = ?dedup, "endpoints changed");
-            // Peers we talk to learn them at once through the relay (call-me-maybe),
-            // not only when control has passed them on: after a NAT rebinding their
-            // packets to our old endpoint are being dropped.
-            let now = Instant::now();
-            for (k, p) in self.peers.iter_mut() {
-                p.our_endpoints_changed(now);
-                self.dirty.insert(*k);
-            }
-            self.endpoints = dedup.clone();
+            self.node.set_endpoints(dedup.clone(), Instant::now());
             self.pending_endpoints = Some(dedup.iter().map(|e| e.to_string()).collect());
             self.push_to_control();
         }
     }
 
-    /// An IP packet from the TUN device: to its peer.
-    async fn on_tun_packet(&mut self, pkt: &[u8]) {
-        let Some(dst) = routes::destination(pkt) else {
-            self.counters.tun_bad_packet += 1;
-            return;
-        };
-        let Some(key) = self.peers.route(dst) else {
-            self.counters.tun_no_route += 1;
-            return;
-        };
-        if dst.is_ipv6() && !self.ipv6.is_on() {
-            self.counters.ipv6_off_dropped += 1;
-            return;
-        }
-        let now = Instant::now();
-        self.last_packet = now;
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        // Encrypted into our buffer (taken out for the call, so the datagram can be
-        // handed on without a copy: to the socket's run of datagrams, say).
-        let mut buf = std::mem::take(&mut self.buf);
-        let base = buf.as_ptr() as usize;
-        let sealed = match p.encapsulate(pkt, &mut buf) {
-            WgAction::Send(b) => Some((b.as_ptr() as usize - base, b.len())),
-            WgAction::Drop(r) => {
-                *self.counters.wg_drop.entry(r).or_default() += 1;
-                None
+    /// Carries out what the node asked for: single datagrams and relay sends at once,
+    /// complete runs of datagrams, decrypted packets once a batch has gathered; answers
+    /// the `agentctl ping`s whose pongs came.
+    async fn carry_out(&mut self, now: Instant) {
+        while let Some((to, d)) = self.node.out.direct.pop_front() {
+            if let Some(sock) = self.sock_for(to) {
+                let _ = sock.send_to(&d, to).await;
             }
-            _ => None,
-        };
-        // Only when disco has something to send: a trusted path needs no pass per packet.
-        if p.on_data_sent(now) {
-            self.dirty.insert(key);
         }
-        if let Some((at, n)) = sealed {
-            self.send_to_peer(key, &buf[at..at + n], now).await;
+        while let Some((region, key, d)) = self.node.out.relay.pop_front() {
+            self.relays.send(region, key, d, now);
         }
-        self.buf = buf;
-    }
-
-    /// Sends a WireGuard datagram to `key` on the path its disco state says
-    /// (docs/protocols.md §3.3). It is copied only where it must be kept: for a relay
-    /// connection or to be held.
-    async fn send_to_peer(&mut self, key: NodePublic, datagram: &[u8], now: Instant) {
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        p.note_sent(datagram, now);
-        let (udp, relay) = p.send_targets(now);
-        let region = p.home_region();
-        let mut sent = false;
-        if let Some(addr) = udp {
-            sent = self.queue_udp(addr, datagram).await;
+        while let Some(run) = self.node.out.udp.pop_ready() {
+            self.send_run(run).await;
         }
-        if let Some(region) = region.filter(|_| relay || !sent) {
-            sent |= self
-                .relays
-                .send(region, key, Bytes::copy_from_slice(datagram), now);
+        if self.node.out.tun.len() >= BATCH {
+            self.flush_tun().await;
         }
-        if !sent {
-            self.counters.send_no_path += 1;
-            let held = self
-                .peers
-                .get_mut(&key)
-                .is_some_and(|p| p.stall(Bytes::copy_from_slice(datagram)));
-            if held {
-                self.stalled.insert(key);
-            } else {
-                self.counters.stalled_dropped += 1;
-            }
-            tracing::debug!(peer = %key.short(), ?region, held, "no path to peer yet");
+        if !self.node.out.api_pongs.is_empty() {
+            self.answer_api_pings(now);
         }
     }
 
-    /// Queues a WireGuard datagram for `to`: runs of same-size datagrams to one address
-    /// leave together in one system call ([`Engine::flush_udp`]). False when there is no
-    /// socket for `to`'s family (the caller falls back to the relay).
-    async fn queue_udp(&mut self, to: SocketAddr, d: &[u8]) -> bool {
-        let Some(io) = self.io_for(to) else {
-            self.counters.udp_send_errors += 1;
-            return false;
-        };
-        let max = io.max_segments();
-        let fits = self.gso.as_ref().is_some_and(|g| {
-            g.to == to
-                && !g.closed
-                && d.len() <= g.segment
-                && g.count < max
-                && g.buf.len() + d.len() <= GSO_MAX_BYTES
-        });
-        if !fits {
-            self.flush_udp().await;
+    /// Carries out everything, the open run of datagrams and the packets for the TUN
+    /// device included (at the end of a batch of work).
+    async fn carry_out_all(&mut self, now: Instant) {
+        self.carry_out(now).await;
+        while let Some(run) = self.node.out.udp.pop_any() {
+            self.send_run(run).await;
         }
-        let spare = &mut self.gso_spare;
-        let g = self.gso.get_or_insert_with(|| Gso {
-            to,
-            segment: d.len(),
-            buf: std::mem::take(spare),
-            count: 0,
-            closed: false,
-        });
-        g.buf.extend_from_slice(d);
-        g.count += 1;
-        // A shorter datagram can only be the last of a run.
-        g.closed = d.len() < g.segment;
-        true
+        self.flush_tun().await;
+    }
+
+    /// Sends a run of datagrams in one call.
+    async fn send_run(&mut self, run: Run) {
+        if let Some(io) = self.io_for(run.to) {
+            if let Err(e) = io.send_segments(run.to, &run.buf, run.segment).await {
+                self.node.counters.udp_send_errors += 1;
+                tracing::debug!(to = %run.to, error = %e, "UDP send failed");
+            }
+        }
+        self.node.out.udp.recycle(run.buf);
     }
 
     /// The socket for datagrams to `to` (None: an IPv6 address on a host without IPv6).
@@ -1329,64 +1133,14 @@ impl Engine {
         }
     }
 
-    /// Sends the queued run of datagrams.
-    async fn flush_udp(&mut self) {
-        if let Some(g) = self.gso.take() {
-            let Some(io) = self.io_for(g.to) else {
-                return;
-            };
-            if let Err(e) = io.send_segments(g.to, &g.buf, g.segment).await {
-                self.counters.udp_send_errors += 1;
-                tracing::debug!(to = %g.to, error = %e, "UDP send failed");
-            }
-            let mut buf = g.buf;
-            buf.clear();
-            self.gso_spare = buf;
-        }
-    }
-
-    /// Sends what was held for peers that now have a path (only peers holding packets
-    /// are looked at).
-    async fn flush_stalled(&mut self, now: Instant) {
-        if self.stalled.is_empty() {
-            return;
-        }
-        let mut ready = Vec::new();
-        self.stalled.retain(|k| {
-            let Some(p) = self.peers.get(k).filter(|p| p.has_stalled()) else {
-                return false; // gone, or its packets went another way
-            };
-            let has_path = p.path().send_targets(now).udp.is_some()
-                || p.home_region()
-                    .is_some_and(|r| self.relays.map().regions.contains_key(&r.get()));
-            if has_path {
-                ready.push(*k);
-            }
-            !has_path
-        });
-        for k in ready {
-            let held = self
-                .peers
-                .get_mut(&k)
-                .map(|p| p.take_stalled())
-                .unwrap_or_default();
-            tracing::debug!(peer = %k.short(), n = held.len(), "sending held packets");
-            for d in held {
-                self.send_to_peer(k, &d, now).await;
-            }
-        }
-    }
-
-    async fn on_udp_packet(&mut self, pkt: &[u8], from: SocketAddr) {
-        match sock::classify(pkt) {
-            Kind::Disco => {
-                self.on_disco(pkt, crate::node::peer::Via::Udp(from), None)
-                    .await
-            }
-            Kind::WireGuard => self.on_wireguard(pkt, Some(from), None).await,
-            Kind::Stun => {}
-            Kind::Unknown => self.counters.udp_unknown += 1,
-        }
+    /// Tells the node what the host has now: IPv6 in the tunnel, an IPv6 socket, and
+    /// the sockets' limits for runs of datagrams.
+    fn sync_ipv6(&mut self) {
+        self.node.set_ipv6(self.ipv6.is_on(), self.sock6.is_some());
+        self.node.out.udp.set_max_segments(
+            self.udp.max_segments(),
+            self.sock6.as_ref().map_or(1, |(_, io)| io.max_segments()),
+        );
     }
 
     async fn on_relay_event(&mut self, region: RegionId, ev: RelayEvent) {
@@ -1394,234 +1148,29 @@ impl Engine {
         self.relays.note_event(region, &ev, now);
         if matches!(ev, RelayEvent::Connected { .. }) {
             self.report_home().await;
-            // Call-me-maybe may have been lost while this connection was down.
-            for (k, p) in self
-                .peers
-                .iter_mut()
-                .filter(|(_, p)| p.home_region() == Some(region))
-            {
-                p.rediscover(now);
-                self.dirty.insert(*k);
-            }
+            self.node.relay_connected(region, now);
         }
         if let RelayEvent::Packet { src, payload } = ev {
-            self.counters.relay_packets_in += 1;
-            match sock::classify(&payload) {
-                Kind::Disco => {
-                    self.on_disco(&payload, crate::node::peer::Via::Relay(region), Some(src))
-                        .await
-                }
-                Kind::WireGuard => self.on_wireguard(&payload, None, Some(src)).await,
-                _ => self.counters.udp_unknown += 1,
-            }
+            self.node.handle_relay(region, src, &payload, now);
         }
-    }
-
-    async fn on_wireguard(
-        &mut self,
-        pkt: &[u8],
-        from: Option<SocketAddr>,
-        relay_src: Option<NodePublic>,
-    ) {
-        let key = match relay_src {
-            Some(k) => Some(k),
-            None => {
-                let mut reply = [0u8; 64];
-                match self.router.route(from.map(|a| a.ip()), pkt, &mut reply) {
-                    WgRoute::Initiation(k) => Some(k),
-                    WgRoute::Index(i) => self.peers.by_index(i),
-                    WgRoute::Cookie(c) => {
-                        if let Some((a, sock)) = from.and_then(|a| Some((a, self.sock_for(a)?))) {
-                            let _ = sock.send_to(c, a).await;
-                        }
-                        *self
-                            .counters
-                            .wg_drop
-                            .entry("handshake flood: cookie sent")
-                            .or_default() += 1;
-                        return;
-                    }
-                    WgRoute::Drop(reason) => {
-                        *self.counters.wg_drop.entry(reason).or_default() += 1;
-                        return;
-                    }
-                    WgRoute::Unknown => None,
-                }
-            }
-        };
-        let Some((key, (p, sources))) =
-            key.and_then(|k| Some((k, self.peers.get_mut_with_sources(&k)?)))
-        else {
-            self.counters.wg_unknown_peer += 1;
-            return;
-        };
-        let now = Instant::now();
-        let mut send: Vec<Bytes> = Vec::new();
-        match p.decapsulate(from.map(|a| a.ip()), pkt, &mut self.buf) {
-            WgAction::Deliver(d) => {
-                // Only packets from the addresses this peer owns reach the OS.
-                match sources.check(d) {
-                    SourceCheck::Allowed(src) if src.is_ipv6() && !self.ipv6.is_on() => {
-                        self.counters.ipv6_off_dropped += 1;
-                    }
-                    SourceCheck::Allowed(_) => {
-                        if self.tun.is_some() {
-                            self.tun_out.push(d.to_vec());
-                        }
-                    }
-                    SourceCheck::NotAllowed | SourceCheck::Malformed => {
-                        *self
-                            .counters
-                            .wg_drop
-                            .entry("source not allowed")
-                            .or_default() += 1;
-                    }
-                }
-            }
-            WgAction::Send(b) => {
-                send.push(Bytes::copy_from_slice(b));
-                while let WgAction::Send(b) = p.flush(&mut self.buf) {
-                    send.push(Bytes::copy_from_slice(b));
-                }
-            }
-            WgAction::Drop(r) => {
-                *self.counters.wg_drop.entry(r).or_default() += 1;
-                return;
-            }
-            WgAction::None => {}
-        }
-        if relay_src.is_none() && from.is_some() {
-            // Authentic and direct: the direct path is alive (disco's silence check).
-            p.on_heard_direct(now);
-        }
-        self.last_packet = now;
-        for b in send {
-            self.send_to_peer(key, &b, now).await;
-        }
-        if self.tun_out.len() >= BATCH {
-            self.flush_tun().await;
-        }
+        self.carry_out(now).await;
     }
 
     /// Writes the decrypted packets gathered so far to the TUN device.
     async fn flush_tun(&mut self) {
-        if self.tun_out.is_empty() {
+        if self.node.out.tun.is_empty() {
             return;
         }
         if let Some(tun) = &self.tun {
-            if let Err(e) = tun.send_batch(&mut self.tun_write, &self.tun_out).await {
-                self.counters.tun_write_errors += 1;
+            if let Err(e) = tun
+                .send_batch(&mut self.tun_write, &self.node.out.tun)
+                .await
+            {
+                self.node.counters.tun_write_errors += 1;
                 tracing::debug!(error = %e, "TUN write failed");
             }
         }
-        self.tun_out.clear();
-    }
-
-    async fn on_disco(
-        &mut self,
-        pkt: &[u8],
-        via: crate::node::peer::Via,
-        relay_src: Option<NodePublic>,
-    ) {
-        let Some(sender) = disco::sender_key(pkt) else {
-            self.counters.disco_bad += 1;
-            return;
-        };
-        let Some(key) = self.peers.by_disco(&sender) else {
-            self.counters.disco_unknown_sender += 1;
-            tracing::debug!(sender = %sender.short(), ?via, "disco from a key not in the netmap");
-            return;
-        };
-        let now = Instant::now();
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        match p.handle_disco(pkt, via, relay_src, now) {
-            Ok(()) => {
-                if p.has_api_pongs() {
-                    self.collect_api_pongs(key, now);
-                }
-            }
-            Err(crate::node::peer::DiscoDrop::Bad) => {
-                self.counters.disco_bad += 1;
-                tracing::debug!(peer = %key.short(), ?via, "disco message did not open");
-            }
-            Err(crate::node::peer::DiscoDrop::CallMeMaybeNotViaRelay) => {
-                self.counters.disco_cmm_not_via_relay += 1
-            }
-        }
-        self.drive_peer(key, now).await;
-    }
-
-    /// Drives the peers something happened to since the last pass, and those whose
-    /// timers are due, and notes the earliest timer left: one walk over the peers per
-    /// pass (not each peer driven every pass: with thousands of peers that would cost
-    /// more than the packets).
-    async fn drive_peers(&mut self, now: Instant) {
-        let mut keys = std::mem::take(&mut self.dirty);
-        let mut next: Option<Instant> = None;
-        for (k, p) in self.peers.iter() {
-            match p.poll_timeout() {
-                Some(t) if t <= now => {
-                    keys.insert(*k);
-                }
-                Some(t) => next = Some(next.map_or(t, |n| n.min(t))),
-                None => {}
-            }
-        }
-        for k in &keys {
-            self.drive_peer(*k, now).await;
-        }
-        // The peers just driven have new timers.
-        for t in keys
-            .iter()
-            .filter_map(|k| self.peers.get(k).and_then(|p| p.poll_timeout()))
-        {
-            next = Some(next.map_or(t, |n| n.min(t)));
-        }
-        self.next_peer_wake = next;
-    }
-
-    /// Runs a peer's disco timers and carries out what it asks for.
-    async fn drive_peer(&mut self, key: NodePublic, now: Instant) {
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        p.handle_timeout(now);
-        let mut out: Vec<PeerEvent> = Vec::new();
-        while let Some(e) = p.poll_event(&self.disco_pub, &self.me_pub, &self.endpoints) {
-            out.push(e);
-        }
-        let reinit = p
-            .reinitiation(now, &mut self.buf)
-            .map(Bytes::copy_from_slice);
-        if p.take_path_quiet() {
-            self.restun_wanted = true;
-        }
-        for e in out {
-            match &e {
-                PeerEvent::SendUdp { to, .. } => {
-                    tracing::debug!(peer = %key.short(), %to, "disco ping")
-                }
-                PeerEvent::SendRelay { region, .. } => {
-                    tracing::debug!(peer = %key.short(), %region, "disco via relay")
-                }
-            }
-            match e {
-                PeerEvent::SendUdp { to, packet } => {
-                    if let Some(sock) = self.sock_for(to) {
-                        let _ = sock.send_to(&packet, to).await;
-                    }
-                }
-                PeerEvent::SendRelay { region, packet } => {
-                    self.relays.send(region, key, Bytes::from(packet), now);
-                }
-            }
-        }
-        if let Some(b) = reinit {
-            tracing::debug!(peer = %key.short(), "direct path found: handshake sent again");
-            self.send_to_peer(key, &b, now).await;
-        }
+        self.node.out.tun.clear();
     }
 
     /// Copies when each relay region was last heard from into the map netcheck reads:
@@ -1632,26 +1181,6 @@ impl Engine {
                 if let Some(t) = RegionId::new(*region).and_then(|r| self.relays.last_heard(r)) {
                     h.insert(*region, t);
                 }
-            }
-        }
-    }
-
-    async fn tick_wireguard(&mut self) {
-        let now = Instant::now();
-        if now >= self.rate_reset {
-            self.router.reset_count();
-            self.rate_reset = now + Duration::from_secs(1);
-        }
-        let keys: Vec<NodePublic> = self.peers.keys().copied().collect();
-        for k in keys {
-            let mut send = Vec::new();
-            if let Some(p) = self.peers.get_mut(&k) {
-                if let WgAction::Send(b) = p.tick(&mut self.buf) {
-                    send.push(Bytes::copy_from_slice(b));
-                }
-            }
-            for b in send {
-                self.send_to_peer(k, &b, now).await;
             }
         }
     }

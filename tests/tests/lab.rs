@@ -235,7 +235,17 @@ fn low_level_links_connect_bare_nodes() {
         rtt >= Duration::from_millis(10),
         "RTT {rtt:?} through a 5 ms link"
     );
-    let stats = link.stats().unwrap();
+    // The emulator counts a packet just after writing it, so the last echo can be here
+    // a moment before its count is: wait for the counts (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let stats = loop {
+        let stats = link.stats().unwrap();
+        let done = stats.a_to_b.forwarded >= 5 && stats.b_to_a.forwarded >= 5;
+        if done || std::time::Instant::now() >= deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(stats.a_to_b.forwarded, 5);
     assert_eq!(stats.b_to_a.forwarded, 5);
 }

@@ -10,6 +10,8 @@
 //! source-address check on decrypted packets). The engine (`crate::engine`) is the I/O
 //! shell around it.
 
+pub mod core;
+pub mod outbox;
 pub mod peer;
 pub mod peers;
 pub mod routes;
