@@ -17,7 +17,7 @@ use control::session::{ControlSession, SessionConfig, SessionState};
 use netcheck::{Netchecker, PortMapper, Report, StunInbox};
 use proto::netmap::NetMap;
 use proto::tailcfg::Hostinfo;
-use proto::{DiscoPrivate, NodePrivate, NodePublic, RegionId};
+use proto::{DiscoPrivate, NodePrivate, RegionId};
 use rand::Rng as _;
 use relay::client::RelayEvent;
 use tokio::net::UdpSocket;
@@ -25,14 +25,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{PingError, Query};
 use crate::ipv6::Ipv6Support;
-use crate::node::core::{ApiPingError, Counters, Node};
+use crate::node::core::{ApiPingError, Node};
 use crate::node::outbox::Run;
-use crate::node::peer::Peer;
 use crate::node::peers::MAX_PEERS;
 use crate::relays::Relays;
 use crate::sock::{self, Kind, RecvBuffers, UdpIo};
 use crate::tundev::{RecvBatch, SendBatch, TunDevice, BATCH};
-use proto::localapi::{BackendState, ControlState, PeerPath, PingVia};
+use proto::localapi::PingVia;
 
 /// Capability version we advertise (Headscale needs ≥ 113).
 pub const CAP_VERSION: u16 = 113;
@@ -77,12 +76,6 @@ impl std::fmt::Debug for Config {
             .field("socket", &self.socket)
             .finish()
     }
-}
-
-/// Every counter by name, the node's and the relay connections' (for `agentctl status
-/// --json`).
-fn counters_map(c: &Counters, relays: &crate::relays::RelayCounters) -> BTreeMap<String, u64> {
-    c.named().chain(relays.named()).collect()
 }
 
 /// Shared, read-mostly view of when relay regions were last heard from (for netcheck's
@@ -173,6 +166,9 @@ const API_PING_FORGET: Duration = Duration::from_secs(30);
 struct Engine {
     /// The data plane's decisions: peers, WireGuard, paths (the pure core).
     node: Node,
+    /// Our keys, for the fresh node made when the device goes down.
+    me: NodePrivate,
+    disco: DiscoPrivate,
     sock: Arc<UdpSocket>,
     udp: Arc<UdpIo>,
     /// The IPv6 socket, when the host has IPv6, and its port.
@@ -226,7 +222,7 @@ impl Engine {
     ) -> Self {
         let session = Some(ControlSession::spawn(session_cfg.clone()));
         let (relays, relay_rx) = Relays::new(me.clone());
-        let mut node = Node::new(me, disco, Instant::now());
+        let mut node = Node::new(me.clone(), disco.clone(), Instant::now());
         node.out.udp.set_max_segments(
             udp.max_segments(),
             sock6.as_ref().map_or(1, |(_, io)| io.max_segments()),
@@ -234,6 +230,8 @@ impl Engine {
         node.set_ipv6(true, sock6.is_some());
         Engine {
             node,
+            me,
+            disco,
             udp,
             port6: sock6
                 .as_ref()
@@ -737,7 +735,16 @@ impl Engine {
     /// connections. The socket and the netcheck task stay, ready for `agentctl up`.
     fn go_down(&mut self) {
         self.session = None;
-        self.node.clear();
+        // A fresh node: no peers, sessions, paths, held packets or pending sends survive.
+        self.node = Node::new(self.me.clone(), self.disco.clone(), Instant::now());
+        self.sync_ipv6();
+        self.node.set_relay_regions(
+            self.relays
+                .map()
+                .regions
+                .keys()
+                .filter_map(|r| RegionId::new(*r)),
+        );
         self.tun_write = SendBatch::default();
         self.tun = None;
         self.relays.close_all();
@@ -865,142 +872,33 @@ impl Engine {
                     .peers()
                     .route(ip)
                     .and_then(|k| self.node.peers().get(&k))
-                    .map(|p| self.peer_status(p, self.nodes_by_key().get(p.key()).copied(), now));
+                    .map(|p| self.status_view().peer(p, now));
                 let _ = tx.send(p);
             }
         }
     }
 
     fn region_name(&self, region: RegionId) -> Option<String> {
-        self.relays.map().regions.get(&region.get()).map(|r| {
-            if r.region_name.is_empty() {
-                r.region_code.clone()
-            } else {
-                r.region_name.clone()
-            }
-        })
+        crate::status::region_name(self.relays.map(), region)
     }
 
-    /// The netmap entries by node key (for status: one pass, not one per peer).
-    fn nodes_by_key(&self) -> BTreeMap<NodePublic, &proto::tailcfg::Node> {
-        self.netmap
-            .as_ref()
-            .map(|nm| nm.peers.values().map(|n| (n.key, n)).collect())
-            .unwrap_or_default()
-    }
-
-    fn peer_status(
-        &self,
-        p: &Peer,
-        node: Option<&proto::tailcfg::Node>,
-        now: Instant,
-    ) -> proto::localapi::PeerStatus {
-        let (hs, tx, rx) = p.wg_stats();
-        let targets = p.path().send_targets(now);
-        let path = match (targets.udp, p.home_region().is_some()) {
-            (Some(_), _) => PeerPath::Direct,
-            (None, true) => PeerPath::Relay,
-            (None, false) => PeerPath::None,
-        };
-        let mut reason = p.path().reason(now).describe(now);
-        if path == PeerPath::None {
-            reason = "no path: the peer has no home relay yet and no direct path".into();
-        }
-        proto::localapi::PeerStatus {
-            name: p.name().trim_end_matches('.').to_string(),
-            node_key: p.key().to_string(),
-            addresses: node
-                .map(|n| prefix_strings(&n.addresses))
-                .unwrap_or_default(),
-            os: node
-                .and_then(|n| n.hostinfo.as_ref())
-                .map(|h| h.os.clone())
-                .unwrap_or_default(),
-            online: node.and_then(|n| n.online),
-            path,
-            direct: targets.udp.map(|a| a.to_string()),
-            relay_region: p.home_region().map(RegionId::get),
-            relay_region_name: p.home_region().and_then(|r| self.region_name(r)),
-            reason,
-            last_handshake_secs: hs.map(|d| d.as_secs_f64()),
-            rx_bytes: rx as u64,
-            tx_bytes: tx as u64,
+    /// What status is rendered from.
+    fn status_view(&self) -> crate::status::View<'_> {
+        crate::status::View {
+            node: &self.node,
+            netmap: self.netmap.as_deref(),
+            relays: &self.relays,
+            control_url: &self.control_url,
+            control_state: &self.control_state,
+            running: self.session.is_some(),
+            last_report: self.last_report.as_ref(),
+            tun: self.tun.as_ref().map(|t| t.name()),
+            ipv6: &self.ipv6,
         }
     }
 
     fn status(&self, now: Instant) -> proto::localapi::Status {
-        let nodes = self.nodes_by_key();
-        let me = self.netmap.as_ref().and_then(|nm| nm.self_node.as_ref());
-        let home = self.relays.home();
-        let (state, auth_url) = match &self.control_state {
-            _ if self.session.is_none() => (BackendState::Stopped, None),
-            SessionState::NeedsLogin { url } => (BackendState::NeedsLogin, Some(url.clone())),
-            _ if self.netmap.is_some() => (BackendState::Running, None),
-            _ => (BackendState::Starting, None),
-        };
-        proto::localapi::Status {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            state,
-            auth_url,
-            control_url: self.control_url.clone(),
-            control_connected: matches!(self.control_state, SessionState::Connected),
-            control_state: match &self.control_state {
-                _ if self.session.is_none() => ControlState::Stopped,
-                SessionState::Connecting => ControlState::Connecting,
-                SessionState::Connected => ControlState::Connected,
-                SessionState::NeedsLogin { .. } => ControlState::NeedsLogin,
-                SessionState::Retrying { .. } => ControlState::Retrying,
-                SessionState::Refused { .. } => ControlState::Refused,
-            },
-            control_error: match &self.control_state {
-                SessionState::Retrying { error } => Some(error.clone()),
-                SessionState::Refused { reason } => Some(reason.clone()),
-                _ => None,
-            },
-            me: proto::localapi::SelfStatus {
-                name: me
-                    .map(|n| n.name.trim_end_matches('.').to_string())
-                    .unwrap_or_default(),
-                node_key: self.node.public_key().to_string(),
-                addresses: me.map(|n| prefix_strings(&n.addresses)).unwrap_or_default(),
-                os: std::env::consts::OS.into(),
-                endpoints: self
-                    .node
-                    .endpoints()
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect(),
-                home_region: home.map(RegionId::get),
-                home_region_name: home.and_then(|h| self.region_name(h)),
-                home_latency_ms: home.and_then(|h| {
-                    self.last_report
-                        .as_ref()
-                        .and_then(|r| r.region_latency.get(&h.get()))
-                        .map(|d| d.as_secs_f64() * 1000.0)
-                }),
-                tun: self.tun.as_ref().map(|t| t.name().to_string()),
-                ipv6_off: match &self.ipv6 {
-                    Ipv6Support::On => None,
-                    Ipv6Support::Off(why) => Some(why.to_string()),
-                },
-            },
-            counters: {
-                let mut m = counters_map(&self.node.counters, &self.relays.counters);
-                // Path selection's counters, summed over the current peers.
-                for p in self.node.peers().values() {
-                    for (name, n) in p.path().counters.named() {
-                        *m.entry(format!("disco_{name}")).or_default() += n;
-                    }
-                }
-                m
-            },
-            peers: self
-                .node
-                .peers()
-                .values()
-                .map(|p| self.peer_status(p, nodes.get(p.key()).copied(), now))
-                .collect(),
-        }
+        self.status_view().render(now)
     }
 
     /// Hands the latest endpoints and home region to the control session without waiting:
@@ -1184,11 +1082,6 @@ impl Engine {
             }
         }
     }
-}
-
-/// Prefixes in their text form, for status.
-fn prefix_strings(p: &[proto::IpNet]) -> Vec<String> {
-    p.iter().map(|n| n.to_string()).collect()
 }
 
 /// Waits for a change on `rx`; never resolves while there is no receiver (down).

@@ -14,6 +14,7 @@ pub mod relays;
 pub mod service;
 pub mod sock;
 pub mod state;
+pub mod status;
 pub mod tundev;
 #[cfg(windows)]
 mod winpipe;

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use netbase::reasons::Counts;
 use proto::relaymap::RelayMap;
 use proto::{NodePrivate, NodePublic, RegionId};
 use relay::client::{DisconnectReason, RelayClient, RelayClientConfig, RelayEvent, RelayTarget};
@@ -32,7 +33,7 @@ struct Conn {
 }
 
 /// Counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RelayCounters {
     pub sent: u64,
     /// Sends dropped: no such region in the map, or the connection's queue was full.
@@ -40,9 +41,8 @@ pub struct RelayCounters {
     pub dropped_queue_full: u64,
     pub opened: u64,
     pub closed_idle: u64,
-    /// Connections lost (or attempts failed), by reason, in `DisconnectReason::ALL`'s
-    /// order.
-    pub lost: [u64; DisconnectReason::ALL.len()],
+    /// Connections lost (or attempts failed), by reason.
+    pub lost: Counts<DisconnectReason>,
     /// A region's connection came back up on another of its nodes than before.
     pub node_changes: u64,
 }
@@ -50,10 +50,7 @@ pub struct RelayCounters {
 impl RelayCounters {
     /// Connections lost for `reason`.
     pub fn lost(&self, reason: DisconnectReason) -> u64 {
-        DisconnectReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.lost[i])
+        self.lost.get(reason)
     }
 
     /// Every counter by name (`relay_sent`, `relay_dead_silent`, …), each even at zero.
@@ -67,10 +64,11 @@ impl RelayCounters {
             ("relay_node_changes", self.node_changes),
         ]
         .map(|(k, v)| (k.to_string(), v));
-        let lost = DisconnectReason::ALL
+        let lost: Vec<(String, u64)> = self
+            .lost
             .iter()
-            .zip(self.lost)
-            .map(|(r, n)| (format!("relay_{}", r.as_str()), n));
+            .map(|(label, n)| (format!("relay_{label}"), n))
+            .collect();
         fixed.into_iter().chain(lost)
     }
 }
@@ -271,9 +269,7 @@ impl Relays {
                 if let Some(c) = self.conns.get_mut(&region) {
                     c.connected = false;
                 }
-                if let Some(i) = DisconnectReason::ALL.iter().position(|r| r == reason) {
-                    self.counters.lost[i] += 1;
-                }
+                self.counters.lost.add(*reason);
                 tracing::info!(region = %region, %reason, %error, ?retry_in, "relay disconnected");
             }
             _ => {
@@ -446,7 +442,7 @@ mod tests {
         assert_eq!(named["relay_dead_silent"], 1);
         assert_eq!(named["relay_node_changes"], 1);
         // Every reason is listed, even at zero.
-        for reason in DisconnectReason::ALL {
+        for reason in <DisconnectReason as netbase::reasons::Reason>::ALL {
             assert!(named.contains_key(&format!("relay_{}", reason.as_str())));
         }
         // Back on the same node: not a move.

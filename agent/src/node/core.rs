@@ -252,20 +252,6 @@ impl Node {
         change
     }
 
-    /// Forgets every peer and everything waiting (going down).
-    pub fn clear(&mut self) {
-        self.peers.clear();
-        self.dirty.clear();
-        self.stalled.clear();
-        self.next_peer_wake = None;
-        self.endpoints.clear();
-        self.out.udp.clear();
-        self.out.direct.clear();
-        self.out.relay.clear();
-        self.out.tun.clear();
-        self.out.api_pongs.clear();
-    }
-
     /// An IP packet from the host: encrypted for the peer that owns its destination.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
         let Some(dst) = routes::destination(packet) else {

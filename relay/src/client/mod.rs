@@ -108,42 +108,28 @@ pub enum RelayEvent {
     },
 }
 
-/// Why a connection ended (or was never made): what a [`RelayEvent::Disconnected`]
-/// counts under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum DisconnectReason {
-    /// Dialling, TLS, the upgrade or the handshake failed.
-    ConnectFailed,
-    /// Nothing heard from the server, and no answer to a Ping, within the deadlines:
-    /// the node is unreachable (blackholed) though the connection never closed.
-    DeadSilent,
-    /// A write did not complete within the write deadline.
-    DeadWriteStalled,
-    /// The server said it is restarting.
-    ServerRestarting,
-    /// The connection closed or failed (EOF, reset, a malformed frame).
-    Closed,
+netbase::reasons! {
+    /// Why a connection ended (or was never made): what a [`RelayEvent::Disconnected`]
+    /// counts under.
+    pub enum DisconnectReason {
+        /// Dialling, TLS, the upgrade or the handshake failed.
+        ConnectFailed => "connect_failed",
+        /// Nothing heard from the server, and no answer to a Ping, within the deadlines:
+        /// the node is unreachable (blackholed) though the connection never closed.
+        DeadSilent => "dead_silent",
+        /// A write did not complete within the write deadline.
+        DeadWriteStalled => "dead_write_stalled",
+        /// The server said it is restarting.
+        ServerRestarting => "server_restarting",
+        /// The connection closed or failed (EOF, reset, a malformed frame).
+        Closed => "closed",
+    }
 }
 
 impl DisconnectReason {
-    /// Every reason, for counters that list each one even at zero.
-    pub const ALL: [DisconnectReason; 5] = [
-        DisconnectReason::ConnectFailed,
-        DisconnectReason::DeadSilent,
-        DisconnectReason::DeadWriteStalled,
-        DisconnectReason::ServerRestarting,
-        DisconnectReason::Closed,
-    ];
-
     /// A short name for counters and logs.
     pub fn as_str(self) -> &'static str {
-        match self {
-            DisconnectReason::ConnectFailed => "connect_failed",
-            DisconnectReason::DeadSilent => "dead_silent",
-            DisconnectReason::DeadWriteStalled => "dead_write_stalled",
-            DisconnectReason::ServerRestarting => "server_restarting",
-            DisconnectReason::Closed => "closed",
-        }
+        netbase::reasons::Reason::label(self)
     }
 
     /// Whether the node itself is likely unreachable, so the next attempt should go to
@@ -157,12 +143,6 @@ impl DisconnectReason {
                 | DisconnectReason::DeadSilent
                 | DisconnectReason::DeadWriteStalled
         )
-    }
-}
-
-impl std::fmt::Display for DisconnectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -1,6 +1,7 @@
 //! One DERP client connection on the server: handshake, then a reader (frames in,
 //! routing) and a writer (queues out, keepalives) running in one task until either ends.
 
+use netbase::reasons::Reason as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,20 +6,11 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-macro_rules! reasons {
-    ($name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum $name { $($variant),+ }
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub fn label(self) -> &'static str {
-                match self { $($name::$variant => $label),+ }
-            }
-        }
-    };
-}
+use netbase::reasons::AtomicCounts;
 
-reasons!(DropReason {
+netbase::reasons! {
+    /// Why a packet was dropped.
+    pub enum DropReason {
     UnknownDest => "unknown_dest",
     UnknownDestOnForward => "unknown_dest_on_fwd",
     QueueHead => "queue_head",
@@ -27,9 +18,12 @@ reasons!(DropReason {
     WriteError => "write_error",
     Gone => "gone",
     ControlQueueFull => "control_queue_full",
-});
+    }
+}
 
-reasons!(CloseReason {
+netbase::reasons! {
+    /// Why a connection was closed.
+    pub enum CloseReason {
     Eof => "eof",
     ReadError => "read_error",
     BadFrame => "bad_frame",
@@ -46,10 +40,11 @@ reasons!(CloseReason {
     ClosePeer => "close_peer",
     TooManyClients => "too_many_clients",
     Shutdown => "shutdown",
-});
+    }
+}
 
 /// All relayd counters. Cheap to update from any task.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Metrics {
     pub accepts: AtomicU64,
     pub accepts_rate_limited: AtomicU64,
@@ -75,61 +70,22 @@ pub struct Metrics {
     pub verify_allowed: AtomicU64,
     pub verify_denied: AtomicU64,
     pub verify_errors: AtomicU64,
-    drops: [AtomicU64; 7],
-    closes: [AtomicU64; 16],
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        debug_assert_eq!(DropReason::ALL.len(), 7);
-        debug_assert_eq!(CloseReason::ALL.len(), 16);
-        Metrics {
-            accepts: Default::default(),
-            accepts_rate_limited: Default::default(),
-            current_connections: Default::default(),
-            current_clients: Default::default(),
-            current_mesh_clients: Default::default(),
-            current_home_clients: Default::default(),
-            current_watchers: Default::default(),
-            mesh_links_up: Default::default(),
-            bytes_received: Default::default(),
-            bytes_sent: Default::default(),
-            packets_received: Default::default(),
-            packets_sent: Default::default(),
-            disco_packets_received: Default::default(),
-            packets_forwarded_out: Default::default(),
-            packets_forwarded_in: Default::default(),
-            peer_gone_disconnected_sent: Default::default(),
-            peer_gone_not_here_sent: Default::default(),
-            pings_answered: Default::default(),
-            rate_limited_waits: Default::default(),
-            stun_requests: Default::default(),
-            stun_bad: Default::default(),
-            verify_allowed: Default::default(),
-            verify_denied: Default::default(),
-            verify_errors: Default::default(),
-            drops: Default::default(),
-            closes: Default::default(),
-        }
-    }
-}
-
-fn idx<T: PartialEq + Copy>(all: &[T], v: T) -> usize {
-    all.iter().position(|x| *x == v).unwrap_or(0)
+    drops: AtomicCounts<DropReason>,
+    closes: AtomicCounts<CloseReason>,
 }
 
 impl Metrics {
     pub fn drop_packet(&self, reason: DropReason) {
-        self.drops[idx(DropReason::ALL, reason)].fetch_add(1, Ordering::Relaxed);
+        self.drops.add(reason);
     }
     pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops[idx(DropReason::ALL, reason)].load(Ordering::Relaxed)
+        self.drops.get(reason)
     }
     pub fn closed(&self, reason: CloseReason) {
-        self.closes[idx(CloseReason::ALL, reason)].fetch_add(1, Ordering::Relaxed);
+        self.closes.add(reason);
     }
     pub fn closes(&self, reason: CloseReason) -> u64 {
-        self.closes[idx(CloseReason::ALL, reason)].load(Ordering::Relaxed)
+        self.closes.get(reason)
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -296,12 +252,10 @@ impl Metrics {
             "# HELP relayd_packets_dropped_total Packets dropped, by reason."
         );
         let _ = writeln!(out, "# TYPE relayd_packets_dropped_total counter");
-        for r in DropReason::ALL {
+        for (label, n) in self.drops.iter() {
             let _ = writeln!(
                 out,
-                "relayd_packets_dropped_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.drops(*r)
+                "relayd_packets_dropped_total{{reason=\"{label}\"}} {n}"
             );
         }
         let _ = writeln!(
@@ -309,12 +263,10 @@ impl Metrics {
             "# HELP relayd_connections_closed_total DERP connections closed, by reason."
         );
         let _ = writeln!(out, "# TYPE relayd_connections_closed_total counter");
-        for r in CloseReason::ALL {
+        for (label, n) in self.closes.iter() {
             let _ = writeln!(
                 out,
-                "relayd_connections_closed_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.closes(*r)
+                "relayd_connections_closed_total{{reason=\"{label}\"}} {n}"
             );
         }
         out
