@@ -68,6 +68,17 @@ pub(crate) async fn serve(
         }
         routes.register(handle.clone(), m);
     }
+    let sent = tokio::time::timeout(
+        shared.cfg.handshake_timeout,
+        send_server_info(&shared, &mut wr, &handle.key),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        shared.routes().unregister(&handle, m);
+        m.closed(CloseReason::Handshake);
+        tracing::info!(%remote, "could not send ServerInfo");
+        return;
+    }
     let gauge = if handle.is_mesh {
         &m.current_mesh_clients
     } else {
@@ -152,14 +163,6 @@ async fn accept(
             }
         }
     }
-    let server_info = ServerInfo {
-        version: frame::PROTOCOL_VERSION,
-        ..Default::default()
-    };
-    let sealed = handshake::seal_server_info(&shared.cfg.private_key, &client_key, &server_info);
-    write_flush(wr, &Frame::ServerInfo { sealed }.to_bytes())
-        .await
-        .map_err(io_fail)?;
     Ok(Arc::new(ClientHandle::new(
         shared.next_id(),
         client_key,
@@ -167,6 +170,22 @@ async fn accept(
         is_mesh,
         info.is_prober,
     )))
+}
+
+/// The handshake's last frame. Sent only once the client is registered: a client that
+/// has its ServerInfo may be sent to at once by a peer that just saw it connect, and a
+/// packet for a client not yet in the routes would be dropped as for an unknown one.
+async fn send_server_info(
+    shared: &Shared,
+    wr: &mut WriteHalf<BoxStream>,
+    client_key: &NodePublic,
+) -> std::io::Result<()> {
+    let server_info = ServerInfo {
+        version: frame::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let sealed = handshake::seal_server_info(&shared.cfg.private_key, client_key, &server_info);
+    write_flush(wr, &Frame::ServerInfo { sealed }.to_bytes()).await
 }
 
 async fn read_loop(
