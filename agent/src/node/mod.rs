@@ -11,6 +11,7 @@
 //! shell around it.
 
 pub mod core;
+pub mod filter;
 pub mod outbox;
 pub mod peer;
 pub mod peers;
