@@ -13,7 +13,9 @@
 //!   flows, idle ones forgotten, the oldest evicted first); otherwise a rule;
 //! - ICMP: echo replies and errors pass; anything else passes when a rule lets the source
 //!   reach the destination on any port;
-//! - other protocols: only a rule for that protocol open on all ports.
+//! - other protocols: only a rule for that protocol open on all ports;
+//! - an IPv4 fragment after the first passes (its first fragment was judged), unless it
+//!   starts within the first 80 bytes, where it could overlap a transport header.
 //!
 //! A rule that does not parse is skipped and counted — never widened. Before any filter
 //! has arrived everything inbound is denied; `PacketFilter: null` keeps the filter in
@@ -173,6 +175,8 @@ struct Packet {
     tcp_syn: bool,
     /// An ICMP echo reply or error.
     icmp_reply: bool,
+    /// An IPv4 fragment after the first: no transport header to judge.
+    later_fragment: bool,
 }
 
 fn parse(p: &[u8]) -> Option<Packet> {
@@ -180,14 +184,28 @@ fn parse(p: &[u8]) -> Option<Packet> {
     let (proto, l4) = match p.first()? >> 4 {
         4 => {
             let ihl = usize::from(p[0] & 0x0f) * 4;
-            // A fragment after the first carries no ports: judged like a portless one.
             let frag_offset = u16::from_be_bytes([*p.get(6)?, *p.get(7)?]) & 0x1fff;
-            let l4 = if frag_offset == 0 {
-                p.get(ihl..)?
-            } else {
-                &[][..]
-            };
-            (*p.get(9)?, l4)
+            if frag_offset != 0 {
+                // A later fragment has no transport header. One that starts where the
+                // first fragment's header could still be (under 80 bytes: a maximal IP
+                // header and a basic TCP header) is refused, so a header cannot be
+                // split to slip ports past the filter; the rest pass, as the first
+                // fragment was judged (tailscale/tailscale net/packet/packet.go).
+                if frag_offset < 10 {
+                    return None;
+                }
+                return Some(Packet {
+                    src,
+                    dst,
+                    proto: *p.get(9)?,
+                    sport: 0,
+                    dport: 0,
+                    tcp_syn: false,
+                    icmp_reply: false,
+                    later_fragment: true,
+                });
+            }
+            (*p.get(9)?, p.get(ihl..)?)
         }
         6 => (*p.get(6)?, p.get(40..)?),
         _ => return None,
@@ -201,6 +219,7 @@ fn parse(p: &[u8]) -> Option<Packet> {
         dport: 0,
         tcp_syn: false,
         icmp_reply: false,
+        later_fragment: false,
     };
     match proto {
         TCP | UDP | SCTP => {
@@ -333,6 +352,7 @@ impl PacketFilter {
             return Err(Deny::NotLocal);
         }
         let allowed = match p.proto {
+            _ if p.later_fragment => true,
             TCP => !p.tcp_syn || matches_port(rules, &p),
             UDP | SCTP => {
                 let flow = (p.proto, p.src, p.sport, p.dst, p.dport);
@@ -630,6 +650,21 @@ mod tests {
             f.check_inbound(&tcp(CAROL, ME, 22, SYN), now),
             Err(Deny::NoRule)
         );
+    }
+
+    #[test]
+    fn later_fragments_pass_unless_they_could_overlap_a_header() {
+        let f = filter(json!([]));
+        let now = Instant::now();
+        let mut p = udp(CAROL, 1, ME, 9);
+        p[6..8].copy_from_slice(&20u16.to_be_bytes()); // offset 160 bytes
+        assert_eq!(f.check_inbound(&p, now), Ok(()));
+        p[6..8].copy_from_slice(&5u16.to_be_bytes()); // offset 40 bytes
+        assert_eq!(f.check_inbound(&p, now), Err(Deny::Malformed));
+        // Not ours: refused all the same.
+        let mut q = udp(CAROL, 1, [10, 8, 0, 1], 9);
+        q[6..8].copy_from_slice(&20u16.to_be_bytes());
+        assert_eq!(f.check_inbound(&q, now), Err(Deny::NotLocal));
     }
 
     #[test]
