@@ -9,11 +9,6 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     status_field(pid, "VmRSS:")
 }
 
-/// Peak resident set size of `pid`, in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    status_field(pid, "VmHWM:")
-}
-
 fn status_field(pid: u32, field: &str) -> Option<u64> {
     parse_status_field(
         &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,

@@ -196,6 +196,13 @@ impl Node {
         self.udp6 = socket;
     }
 
+    /// Whether there is a socket for datagrams to `to`: IPv6 needs the IPv6 socket
+    /// (`udp6`). A function of the field, not of `self`, so it can be asked while a peer
+    /// is borrowed.
+    fn reachable(udp6: bool, to: SocketAddr) -> bool {
+        to.is_ipv4() || udp6
+    }
+
     /// The relay regions that exist (from the relay map).
     pub fn set_relay_regions(&mut self, regions: impl IntoIterator<Item = RegionId>) {
         self.relay_regions = regions.into_iter().collect();
@@ -304,7 +311,7 @@ impl Node {
         let region = p.home_region().filter(|r| self.relay_regions.contains(r));
         let mut sent = false;
         if let Some(addr) = udp {
-            if addr.is_ipv4() || self.udp6 {
+            if Self::reachable(self.udp6, addr) {
                 self.out.udp.push(addr, datagram);
                 sent = true;
             } else {
@@ -406,7 +413,7 @@ impl Node {
                     WgRoute::Initiation(k) => Some(k),
                     WgRoute::Index(i) => self.peers.by_index(i),
                     WgRoute::Cookie(c) => {
-                        if let Some(a) = from.filter(|a| a.is_ipv4() || self.udp6) {
+                        if let Some(a) = from.filter(|a| Self::reachable(self.udp6, *a)) {
                             self.out.direct.push_back((a, c.to_vec()));
                         }
                         self.counters.wg_dropped("handshake flood: cookie sent");
@@ -547,7 +554,7 @@ impl Node {
             match e {
                 PeerEvent::SendUdp { to, packet } => {
                     tracing::debug!(peer = %key.short(), %to, "disco ping");
-                    if to.is_ipv4() || self.udp6 {
+                    if Self::reachable(self.udp6, to) {
                         self.out.direct.push_back((to, packet));
                     }
                 }
@@ -605,7 +612,7 @@ impl Node {
             .home_region()
             .filter(|r| relay && self.relay_regions.contains(r));
         self.dirty.insert(*key);
-        let udp = udp.filter(|a| a.is_ipv4() || self.udp6);
+        let udp = udp.filter(|a| Self::reachable(self.udp6, *a));
         if udp.is_none() && relay_region.is_none() {
             return Err(ApiPingError::NoPath);
         }

@@ -353,17 +353,17 @@ impl PacketFilter {
         }
         let allowed = match p.proto {
             _ if p.later_fragment => true,
-            TCP => !p.tcp_syn || matches_port(rules, &p),
+            TCP => !p.tcp_syn || matches(rules, &p, |f, l| (f..=l).contains(&p.dport)),
             UDP | SCTP => {
                 let flow = (p.proto, p.src, p.sport, p.dst, p.dport);
                 let reply = self
                     .flows
                     .get(&flow)
                     .is_some_and(|(t, _)| now.saturating_duration_since(*t) < FLOW_IDLE);
-                reply || matches_port(rules, &p)
+                reply || matches(rules, &p, |f, l| (f..=l).contains(&p.dport))
             }
-            ICMP4 | ICMP6 => p.icmp_reply || matches_any_port(rules, &p),
-            _ => matches_all_ports(rules, &p),
+            ICMP4 | ICMP6 => p.icmp_reply || matches(rules, &p, |_, _| true),
+            _ => matches(rules, &p, |f, l| f == 0 && l == u16::MAX),
         };
         if allowed {
             Ok(())
@@ -373,29 +373,15 @@ impl PacketFilter {
     }
 }
 
-fn matches_port(rules: &[Rule], p: &Packet) -> bool {
+/// Whether a rule for the packet's protocol lets its source reach its destination on a
+/// port range that `ports(first, last)` accepts.
+fn matches(rules: &[Rule], p: &Packet, ports: impl Fn(u16, u16) -> bool) -> bool {
     rules.iter().any(|r| {
         r.has_proto(p.proto)
             && r.src_ok(p.src)
             && r.dsts
                 .iter()
-                .any(|(n, first, last)| n.contains(&p.dst) && (*first..=*last).contains(&p.dport))
-    })
-}
-
-fn matches_any_port(rules: &[Rule], p: &Packet) -> bool {
-    rules.iter().any(|r| {
-        r.has_proto(p.proto) && r.src_ok(p.src) && r.dsts.iter().any(|(n, _, _)| n.contains(&p.dst))
-    })
-}
-
-fn matches_all_ports(rules: &[Rule], p: &Packet) -> bool {
-    rules.iter().any(|r| {
-        r.has_proto(p.proto)
-            && r.src_ok(p.src)
-            && r.dsts
-                .iter()
-                .any(|(n, first, last)| n.contains(&p.dst) && *first == 0 && *last == u16::MAX)
+                .any(|(n, first, last)| n.contains(&p.dst) && ports(*first, *last))
     })
 }
 

@@ -111,12 +111,6 @@ impl UdpRuns {
             self.spare.push(buf);
         }
     }
-
-    /// Drops everything gathered (going down).
-    pub fn clear(&mut self) {
-        self.open = None;
-        self.ready.clear();
-    }
 }
 
 /// Everything the node wants carried out.

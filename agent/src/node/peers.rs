@@ -183,11 +183,6 @@ impl PeerTable {
         (claimed - self.by_disco.len()) as u64
     }
 
-    /// Forgets every peer (going down).
-    pub fn clear(&mut self) {
-        *self = PeerTable::with_limit(self.max_peers);
-    }
-
     pub fn get(&self, key: &NodePublic) -> Option<&Peer> {
         self.peers.get(key)
     }
