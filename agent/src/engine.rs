@@ -26,10 +26,11 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{PingError, Query};
 use crate::ipv6::Ipv6Support;
 use crate::node::core::{ApiPingError, Node};
+use crate::node::demux::{classify, Kind};
 use crate::node::outbox::Run;
 use crate::node::peers::MAX_PEERS;
 use crate::relays::Relays;
-use crate::sock::{self, Kind, RecvBuffers, UdpIo};
+use crate::sock::{self, RecvBuffers, UdpIo};
 use crate::tundev::{RecvBatch, SendBatch, TunDevice, BATCH};
 use proto::localapi::PingVia;
 
@@ -1131,7 +1132,7 @@ async fn read_udp(io: Arc<UdpIo>, inbox: StunInbox, to_engine: mpsc::Sender<Data
             Ok(_) => {
                 let mut batch = Vec::new();
                 for (pkt, from) in bufs.datagrams() {
-                    if sock::classify(pkt) == Kind::Stun {
+                    if classify(pkt) == Kind::Stun {
                         inbox.deliver(pkt, from);
                     } else {
                         batch.push((pkt.to_vec(), from));

@@ -1,5 +1,5 @@
-//! The UDP socket WireGuard, disco and STUN share, and the demultiplexer of what arrives
-//! on it (docs/protocols.md §2.2). The socket gets large kernel buffers: with the
+//! The UDP socket WireGuard, disco and STUN share (what arrives on it is told apart by
+//! `node::demux`, docs/protocols.md §2.2). The socket gets large kernel buffers: with the
 //! default 208 KiB a userspace WireGuard loses 10–15 % of packets at speed.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,29 +33,6 @@ pub fn bind_v6(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
         s.bind(&any(0))?;
     }
     tokio::net::UdpSocket::from_std(s.into())
-}
-
-/// What a datagram on the shared socket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Stun,
-    Disco,
-    WireGuard,
-    Unknown,
-}
-
-/// Classifies a datagram: STUN binding response, disco (magic + minimum length), or
-/// WireGuard (message types 1–4 with three zero bytes).
-pub fn classify(pkt: &[u8]) -> Kind {
-    if netcheck::stun::looks_like_response(pkt) {
-        Kind::Stun
-    } else if disco::looks_like_disco(pkt) {
-        Kind::Disco
-    } else if pkt.len() >= 4 && (1..=4).contains(&pkt[0]) && pkt[1..4] == [0, 0, 0] {
-        Kind::WireGuard
-    } else {
-        Kind::Unknown
-    }
 }
 
 /// Batched I/O on the shared socket through quinn-udp: a run of same-size datagrams to
@@ -182,37 +159,5 @@ impl UdpIo {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn datagrams_are_told_apart_by_their_first_bytes() {
-        // STUN binding success response: type 0x0101, length, magic cookie, tx ID.
-        let mut stun = vec![0x01, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
-        stun.extend_from_slice(&[7; 12]);
-        assert_eq!(classify(&stun), Kind::Stun);
-        // Without the magic cookie it is not STUN.
-        let mut old = stun.clone();
-        old[4] = 0;
-        assert_eq!(classify(&old), Kind::Unknown);
-        // Disco: magic and sender key (and a box behind them).
-        let mut d = b"TS\xf0\x9f\x92\xac".to_vec();
-        d.extend_from_slice(&[1; 32 + 24 + 16]);
-        assert_eq!(classify(&d), Kind::Disco);
-        assert_eq!(classify(&d[..20]), Kind::Unknown, "disco magic, too short");
-        // WireGuard: message types 1 to 4, then three zero bytes.
-        for t in 1..=4u8 {
-            let mut w = vec![t, 0, 0, 0];
-            w.extend_from_slice(&[0xAB; 32]);
-            assert_eq!(classify(&w), Kind::WireGuard, "type {t}");
-        }
-        assert_eq!(classify(&[5, 0, 0, 0, 1]), Kind::Unknown);
-        assert_eq!(classify(&[1, 0, 1, 0, 1]), Kind::Unknown);
-        assert_eq!(classify(&[1, 0, 0]), Kind::Unknown);
-        assert_eq!(classify(&[]), Kind::Unknown);
     }
 }

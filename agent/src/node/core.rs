@@ -17,7 +17,7 @@ use super::peer::{DiscoDrop, PeerEvent, Via};
 use super::peers::{MapChange, PeerTable, SourceCheck};
 use super::routes;
 use super::wg::{self, WgAction, WgRoute};
-use crate::sock::{classify, Kind};
+use super::demux::{classify, Kind};
 
 /// Largest datagram handled (and the size of the node's work buffer).
 pub const MAX_DATAGRAM: usize = 65_535;
