@@ -257,6 +257,70 @@ pub struct Node {
     pub machine_authorized: bool,
     #[serde(rename = "Expired", default, skip_serializing_if = "is_false")]
     pub expired: bool,
+    /// ACL tags (`tag:server`); a tagged node is owned by its tags, not by its user.
+    #[serde(rename = "Tags", default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// One rule of a `PacketFilter`: sources (`SrcIPs`) may reach `DstPorts` over `IPProto`
+/// (empty: TCP, UDP, ICMPv4, ICMPv6), or are granted capabilities (`CapGrant`). Address
+/// sets are `*`, an address, a CIDR or a range `a-b` (tailscale/tailscale
+/// `tailcfg/tailcfg.go` `FilterRule`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterRule {
+    #[serde(rename = "SrcIPs", default)]
+    pub src_ips: Vec<String>,
+    /// The pre-CIDR way to widen `SrcIPs`; nobody should send it any more.
+    #[serde(rename = "SrcBits", default, skip_serializing_if = "Option::is_none")]
+    pub src_bits: Option<Vec<i64>>,
+    #[serde(rename = "DstPorts", default, skip_serializing_if = "Vec::is_empty")]
+    pub dst_ports: Vec<NetPortRange>,
+    #[serde(rename = "IPProto", default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_proto: Vec<i64>,
+    #[serde(rename = "CapGrant", default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_grant: Vec<CapGrant>,
+}
+
+/// Destinations of a rule: an address set and a port range.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetPortRange {
+    #[serde(rename = "IP", default)]
+    pub ip: String,
+    /// The pre-CIDR way to widen `IP`.
+    #[serde(rename = "Bits", default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<i64>,
+    #[serde(rename = "Ports", default)]
+    pub ports: PortRange,
+}
+
+/// Ports `First` to `Last`, inclusive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    #[serde(rename = "First", default)]
+    pub first: u16,
+    #[serde(rename = "Last", default)]
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const ANY: PortRange = PortRange {
+        first: 0,
+        last: u16::MAX,
+    };
+}
+
+/// Capabilities granted to a rule's sources on the destinations `Dsts`: capability name →
+/// values (each an application-defined JSON value).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapGrant {
+    #[serde(rename = "Dsts", default)]
+    pub dsts: Vec<String>,
+    #[serde(
+        rename = "CapMap",
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty"
+    )]
+    pub cap_map: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 fn is_zero_i32(v: &i32) -> bool {

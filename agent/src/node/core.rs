@@ -12,12 +12,12 @@ use bytes::Bytes;
 use proto::tailcfg::Node as NetmapNode;
 use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
 
+use super::demux::{classify, Kind};
 use super::outbox::Outbox;
 use super::peer::{DiscoDrop, PeerEvent, Via};
 use super::peers::{MapChange, PeerTable, SourceCheck};
 use super::routes;
 use super::wg::{self, WgAction, WgRoute};
-use super::demux::{classify, Kind};
 
 /// Largest datagram handled (and the size of the node's work buffer).
 pub const MAX_DATAGRAM: usize = 65_535;

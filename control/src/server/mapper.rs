@@ -127,6 +127,7 @@ pub fn to_node(n: &NodeRecord, online: bool, now: i64, domain: &str) -> Node {
         last_seen: n.last_seen.map(rfc3339),
         machine_authorized: true,
         expired: n.is_expired(now),
+        tags: Vec::new(),
     }
 }
 
