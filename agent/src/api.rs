@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto::localapi::{
-    query_value, ApiError, NetcheckResult, PeerStatus, PingResult, Status, Version,
+    query_value, ApiError, FilterStatus, NetcheckResult, PeerStatus, PingResult, Status, Version,
 };
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +34,8 @@ const MAX_CONNS: usize = 32;
 #[derive(Debug)]
 pub enum Query {
     Status(oneshot::Sender<Status>),
+    /// The packet filter in force.
+    Filter(oneshot::Sender<FilterStatus>),
     Whois(IpAddr, oneshot::Sender<Option<PeerStatus>>),
     /// A disco ping to the peer named (or addressed) `peer`; the answer comes when the
     /// pong does (the API side gives up after its timeout).
@@ -301,6 +303,10 @@ async fn route(method: &str, path: &str, query: &str, engine: &mpsc::Sender<Quer
             Some(s) => json(&s),
             None => error(503, "agentd is busy or shutting down"),
         },
+        "/v1/filter" => match ask(engine, Query::Filter).await {
+            Some(f) => json(&f),
+            None => error(503, "agentd is busy or shutting down"),
+        },
         "/v1/whois" => {
             let Some(ip) = query_value(query, "ip").and_then(|s| s.parse::<IpAddr>().ok()) else {
                 return error(400, "want ?ip=ADDRESS");
@@ -414,6 +420,12 @@ mod tests {
                     Query::Whois(_, r) => {
                         let _ = r.send(None);
                     }
+                    Query::Filter(r) => {
+                        let _ = r.send(FilterStatus {
+                            rules: vec!["accept tcp from * to 100.64.0.1/32:22".into()],
+                            ..Default::default()
+                        });
+                    }
                     Query::Ping(_, r) => {
                         let _ = r.send(Err(PingError::NoSuchPeer("no such peer".into())));
                     }
@@ -434,5 +446,8 @@ mod tests {
         assert_eq!(route("POST", "/v1/down", "", &tx).await.0, 200);
         assert_eq!(route("GET", "/v2/status", "", &tx).await.0, 404);
         assert_eq!(route("GET", "/v1/version", "", &tx).await.0, 200);
+        let (code, body) = route("GET", "/v1/filter", "", &tx).await;
+        assert_eq!(code, 200);
+        assert!(body.contains("100.64.0.1/32:22"), "{body}");
     }
 }

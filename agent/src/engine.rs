@@ -707,6 +707,24 @@ impl Engine {
             tracing::debug!(peer = %node.key.short(), endpoints = ?node.endpoints, home = ?node.home_region(), disco = ?node.disco_key.map(|d| d.short()), "netmap peer");
         }
         let change = self.node.apply_netmap(nm.peers.values(), now);
+        // Inbound packets may be for this device's own addresses (routes it serves join
+        // them with subnet routing).
+        let local = nm
+            .self_node
+            .as_ref()
+            .map(|me| me.addresses.to_vec())
+            .unwrap_or_default();
+        match self.node.set_filter(nm.packet_filter.as_ref(), local) {
+            Some(0) => tracing::info!(
+                rules = self.node.filter().rule_count().0.unwrap_or(0),
+                "packet filter in force"
+            ),
+            Some(skipped) => tracing::warn!(
+                skipped,
+                "the packet filter has rules agentd cannot read; they are not enforced (what they allow stays denied)"
+            ),
+            None => {}
+        }
         for k in &change.added {
             let name = self.node.peers().get(k).map(|p| p.name()).unwrap_or("");
             tracing::info!(peer = %k.short(), %name, "peer added");
@@ -862,6 +880,9 @@ impl Engine {
         match q {
             Query::Status(tx) => {
                 let _ = tx.send(self.status(now));
+            }
+            Query::Filter(tx) => {
+                let _ = tx.send(crate::status::filter(&self.node));
             }
             Query::Ping(target, tx) => self.api_ping(&target, tx, now),
             // Handled in the run loop (it owns the netcheck task and the session's

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use control::session::SessionState;
 use netcheck::Report;
-use proto::localapi::{BackendState, ControlState, PeerPath, PeerStatus, SelfStatus, Status};
+use proto::localapi::{
+    BackendState, ControlState, FilterStatus, PeerPath, PeerStatus, SelfStatus, Status,
+};
 use proto::netmap::NetMap;
 use proto::relaymap::RelayMap;
 use proto::{NodePublic, RegionId};
@@ -105,6 +107,8 @@ impl View<'_> {
             last_handshake_secs: hs.map(|d| d.as_secs_f64()),
             rx_bytes: rx as u64,
             tx_bytes: tx as u64,
+            denied: p.denied(),
+            expired: p.expired(),
         }
     }
 
@@ -186,5 +190,25 @@ impl View<'_> {
                 .map(|p| self.peer_with(p, nodes.get(p.key()).copied(), now))
                 .collect(),
         }
+    }
+}
+
+/// The packet filter in force, for `agentctl debug filter`.
+pub fn filter(node: &Node) -> FilterStatus {
+    let f = node.filter();
+    let (rules, skipped) = f.rule_count();
+    FilterStatus {
+        received: rules.is_some(),
+        rules: f.describe(),
+        skipped,
+        local: prefix_strings(f.local()),
+        flows: f.flow_count(),
+        flows_evicted: f.evicted,
+        denied: node
+            .counters
+            .filter_denied
+            .iter()
+            .map(|(r, n)| (r.to_string(), n))
+            .collect(),
     }
 }

@@ -282,6 +282,7 @@ pub fn render_status(s: &Status) -> String {
                     p.os.clone()
                 },
                 match p.online {
+                    _ if p.expired => "expired".into(),
                     Some(true) => "online".into(),
                     Some(false) => "offline".into(),
                     None => "-".into(),
@@ -289,9 +290,13 @@ pub fn render_status(s: &Status) -> String {
                 path_text(p),
                 ago(p.last_handshake_secs),
                 format!(
-                    "rx {} tx {}",
+                    "rx {} tx {}{}",
                     human_bytes(p.rx_bytes),
-                    human_bytes(p.tx_bytes)
+                    human_bytes(p.tx_bytes),
+                    match p.denied {
+                        0 => String::new(),
+                        n => format!(" denied {n}"),
+                    }
                 ),
                 if p.path == PeerPath::Direct {
                     String::new()
@@ -482,6 +487,8 @@ mod tests {
                 PeerStatus {
                     name: "carol".into(),
                     addresses: vec!["100.64.0.3/32".into()],
+                    denied: 7,
+                    expired: true,
                     path: PeerPath::Relay,
                     relay_region: Some(902),
                     relay_region_name: Some("Virginia".into()),
@@ -499,7 +506,9 @@ mod tests {
         assert!(t.contains("direct 198.51.100.11:41641"), "{t}");
         assert!(t.contains("relay \"Virginia\""), "{t}");
         assert!(t.contains("(relay: pings unanswered since 5s ago)"), "{t}");
-        assert!(t.contains("rx 1234 B tx 20.0 KB"), "{t}");
+        assert!(t.contains("rx 1234 B tx 20.0 KB\n"), "{t}");
+        assert!(t.contains("rx 0 B tx 0 B denied 7"), "{t}");
+        assert!(t.contains("carol  -      expired"), "{t}");
     }
 }
 

@@ -69,7 +69,7 @@ fn main() -> std::process::ExitCode {
             Command::Whois(a) => local::whois(&cli.conn, a).await,
             Command::Version(a) => local::version(&cli.conn, a).await,
             Command::Netcheck(args) => netcheck::run(&cli.conn, args).await,
-            Command::Debug(cmd) => debug::run(cmd).await,
+            Command::Debug(cmd) => debug::run(&cli.conn, cmd).await,
         }
     });
     match result {

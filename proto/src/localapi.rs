@@ -263,6 +263,32 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<f64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Packets from this peer the packet filter refused.
+    #[serde(default)]
+    pub denied: u64,
+    /// The control server marked the peer's key expired: traffic with it is cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
+}
+
+/// `GET /v1/filter`: the packet filter in force (`agentctl debug filter`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FilterStatus {
+    /// False until the control server has sent a filter (everything inbound is denied).
+    pub received: bool,
+    /// One line per rule (`accept tcp from 100.64.0.2/32 to 100.64.0.1/32:22`) and per
+    /// capability grant.
+    pub rules: Vec<String>,
+    /// Rules of the filter that could not be read: not enforced, so what they would
+    /// allow stays denied.
+    pub skipped: usize,
+    /// What inbound packets may be addressed to.
+    pub local: Vec<String>,
+    /// UDP/SCTP flows this device opened, whose replies are let in.
+    pub flows: usize,
+    pub flows_evicted: u64,
+    /// Refused inbound packets by reason.
+    pub denied: std::collections::BTreeMap<String, u64>,
 }
 
 /// `GET /v1/ping?peer=NAME_OR_IP&timeout_ms=N`: one disco ping, answered by the first

@@ -266,7 +266,11 @@ pub struct Node {
 /// (empty: TCP, UDP, ICMPv4, ICMPv6), or are granted capabilities (`CapGrant`). Address
 /// sets are `*`, an address, a CIDR or a range `a-b` (tailscale/tailscale
 /// `tailcfg/tailcfg.go` `FilterRule`).
+///
+/// Fields this type does not know make a rule fail to parse, so a client skips it rather
+/// than ignore a restriction it does not understand.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FilterRule {
     #[serde(rename = "SrcIPs", default)]
     pub src_ips: Vec<String>,
@@ -283,6 +287,7 @@ pub struct FilterRule {
 
 /// Destinations of a rule: an address set and a port range.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetPortRange {
     #[serde(rename = "IP", default)]
     pub ip: String,
@@ -295,6 +300,7 @@ pub struct NetPortRange {
 
 /// Ports `First` to `Last`, inclusive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortRange {
     #[serde(rename = "First", default)]
     pub first: u16,
@@ -312,9 +318,13 @@ impl PortRange {
 /// Capabilities granted to a rule's sources on the destinations `Dsts`: capability name →
 /// values (each an application-defined JSON value).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CapGrant {
     #[serde(rename = "Dsts", default)]
     pub dsts: Vec<String>,
+    /// The older form of `CapMap`: names without values.
+    #[serde(rename = "Caps", default, skip_serializing_if = "Vec::is_empty")]
+    pub caps: Vec<String>,
     #[serde(
         rename = "CapMap",
         default,

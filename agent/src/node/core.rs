@@ -13,6 +13,7 @@ use proto::tailcfg::Node as NetmapNode;
 use proto::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic, RegionId};
 
 use super::demux::{classify, Kind};
+use super::filter::{Deny, PacketFilter};
 use super::outbox::Outbox;
 use super::peer::{DiscoDrop, PeerEvent, Via};
 use super::peers::{MapChange, PeerTable, SourceCheck};
@@ -48,6 +49,10 @@ pub struct Counters {
     pub restun_quiet_path: u64,
     /// Entries of peers' `Addresses`/`AllowedIPs` that were not IP prefixes.
     pub rejected_prefixes: u64,
+    /// Inbound packets the packet filter refused, by reason.
+    pub filter_denied: netbase::reasons::Counts<Deny>,
+    /// Packets from the host for a peer whose key has expired.
+    pub send_peer_expired: u64,
 }
 
 impl Counters {
@@ -72,6 +77,7 @@ impl Counters {
             ("tun_recreated", self.tun_recreated),
             ("restun_quiet_path", self.restun_quiet_path),
             ("rejected_prefixes", self.rejected_prefixes),
+            ("send_peer_expired", self.send_peer_expired),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -79,6 +85,11 @@ impl Counters {
             self.wg_drop
                 .iter()
                 .map(|(reason, n)| (format!("wg_drop: {reason}"), *n)),
+        )
+        .chain(
+            self.filter_denied
+                .iter()
+                .map(|(reason, n)| (format!("filter_denied: {reason}"), n)),
         )
     }
 
@@ -109,6 +120,8 @@ pub struct Node {
     /// When a packet last went to or came from a peer (WireGuard or disco).
     last_packet: Instant,
     peers: PeerTable,
+    /// Which packets from peers may reach the host.
+    filter: PacketFilter,
     /// Our endpoints, as told to peers in call-me-maybe.
     endpoints: Vec<SocketAddr>,
     /// Relay regions of the current relay map (a peer's home region outside it is no
@@ -146,6 +159,7 @@ impl Node {
             rate_reset: now,
             last_packet: now,
             peers: PeerTable::default(),
+            filter: PacketFilter::default(),
             endpoints: Vec::new(),
             relay_regions: BTreeSet::new(),
             ipv6: true,
@@ -259,6 +273,23 @@ impl Node {
         change
     }
 
+    /// The control server's packet filter (`None` or null keeps the one in force) and
+    /// what inbound packets may be addressed to: this device's addresses and the routes
+    /// it serves. Returns how many rules were skipped as unreadable when the filter
+    /// changed.
+    pub fn set_filter(
+        &mut self,
+        wire: Option<&serde_json::Value>,
+        local: Vec<proto::IpNet>,
+    ) -> Option<usize> {
+        self.filter.set_local(local);
+        self.filter.set_rules(wire)
+    }
+
+    pub fn filter(&self) -> &PacketFilter {
+        &self.filter
+    }
+
     /// An IP packet from the host: encrypted for the peer that owns its destination.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
         let Some(dst) = routes::destination(packet) else {
@@ -273,10 +304,16 @@ impl Node {
             self.counters.ipv6_off_dropped += 1;
             return;
         }
-        self.last_packet = now;
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
+        if p.expired() {
+            self.counters.send_peer_expired += 1;
+            return;
+        }
+        self.last_packet = now;
+        // Its replies may come in (UDP flows).
+        self.filter.note_outbound(packet, now);
         // Encrypted into the work buffer (taken out for the call, so the datagram can be
         // handed on without another copy).
         let mut buf = std::mem::take(&mut self.buf);
@@ -441,7 +478,20 @@ impl Node {
                     SourceCheck::Allowed(src) if src.is_ipv6() && !self.ipv6 => {
                         self.counters.ipv6_off_dropped += 1;
                     }
-                    SourceCheck::Allowed(_) => self.out.tun.push(d.to_vec()),
+                    SourceCheck::Allowed(_) => {
+                        let verdict = if p.expired() {
+                            Err(Deny::PeerExpired)
+                        } else {
+                            self.filter.check_inbound(d, now)
+                        };
+                        match verdict {
+                            Ok(()) => self.out.tun.push(d.to_vec()),
+                            Err(reason) => {
+                                self.counters.filter_denied.add(reason);
+                                p.note_denied();
+                            }
+                        }
+                    }
                     SourceCheck::NotAllowed | SourceCheck::Malformed => {
                         self.counters.wg_dropped("source not allowed");
                     }

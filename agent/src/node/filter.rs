@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use proto::tailcfg::FilterRule;
 
 use super::routes;
 
@@ -41,6 +41,8 @@ netbase::reasons! {
         NotLocal => "not_local",
         /// No rule lets it in.
         NoRule => "no_rule",
+        /// Its sender's key has expired (the node decides this one, not the rules).
+        PeerExpired => "peer_expired",
     }
 }
 
@@ -56,37 +58,6 @@ pub const MAX_FLOWS: usize = 4096;
 /// A flow with no packet out for this long is forgotten.
 pub const FLOW_IDLE: Duration = Duration::from_secs(120);
 
-/// One `FilterRule` as the wire has it (fields this filter reads).
-#[derive(Debug, Deserialize)]
-struct WireRule {
-    #[serde(rename = "SrcIPs", default)]
-    src_ips: Vec<String>,
-    #[serde(rename = "DstPorts", default)]
-    dst_ports: Vec<WireDst>,
-    #[serde(rename = "IPProto", default)]
-    ip_proto: Vec<i64>,
-    #[serde(rename = "SrcBits", default)]
-    src_bits: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WireDst {
-    #[serde(rename = "IP", default)]
-    ip: String,
-    #[serde(rename = "Bits", default)]
-    bits: Option<serde_json::Value>,
-    #[serde(rename = "Ports", default)]
-    ports: WirePorts,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct WirePorts {
-    #[serde(rename = "First", default)]
-    first: u16,
-    #[serde(rename = "Last", default)]
-    last: u16,
-}
-
 /// A compiled rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
@@ -94,6 +65,15 @@ struct Rule {
     protos: [u64; 4],
     srcs: Vec<IpNet>,
     dsts: Vec<(IpNet, u16, u16)>,
+}
+
+/// Capabilities a rule grants its sources on some destinations (`CapGrant`), kept for the
+/// features that read them (peer relays).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grant {
+    srcs: Vec<IpNet>,
+    dsts: Vec<IpNet>,
+    caps: BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 impl Rule {
@@ -130,10 +110,11 @@ fn parse_set(s: &str) -> Option<Vec<IpNet>> {
     s.parse::<IpAddr>().ok().map(|a| vec![IpNet::from(a)])
 }
 
-/// Compiles one rule; None when any part of it does not parse (the whole rule is skipped:
-/// dropping only the bad part could widen or narrow it in ways nobody wrote).
-fn compile(v: &serde_json::Value) -> Option<Rule> {
-    let w: WireRule = serde_json::from_value(v.clone()).ok()?;
+/// Compiles one wire rule into its packet rule (when it has `DstPorts`) and its grants;
+/// None when any part of it does not parse, unknown fields included (the whole rule is
+/// skipped: dropping only the bad part could widen or narrow it in ways nobody wrote).
+fn compile(v: &serde_json::Value) -> Option<(Option<Rule>, Vec<Grant>)> {
+    let w: FilterRule = serde_json::from_value(v.clone()).ok()?;
     if w.src_bits.is_some() || w.dst_ports.iter().any(|d| d.bits.is_some()) {
         return None; // a form from before CIDRs; no current server sends it
     }
@@ -160,7 +141,24 @@ fn compile(v: &serde_json::Value) -> Option<Rule> {
             dsts.push((n, d.ports.first, d.ports.last));
         }
     }
-    Some(Rule { protos, srcs, dsts })
+    let mut grants = Vec::new();
+    for g in w.cap_grant {
+        let mut gd = Vec::new();
+        for d in &g.dsts {
+            gd.extend(parse_set(d)?);
+        }
+        let mut caps = g.cap_map;
+        for c in g.caps {
+            caps.entry(c).or_default();
+        }
+        grants.push(Grant {
+            srcs: srcs.clone(),
+            dsts: gd,
+            caps,
+        });
+    }
+    let rule = (!dsts.is_empty()).then_some(Rule { protos, srcs, dsts });
+    Some((rule, grants))
 }
 
 /// The parts of a packet the filter reads.
@@ -256,6 +254,10 @@ type Flow = (u8, IpAddr, u16, IpAddr, u16);
 pub struct PacketFilter {
     /// None until a filter arrives.
     rules: Option<Vec<Rule>>,
+    grants: Vec<Grant>,
+    /// The wire form of the filter in force (a map response that repeats it costs no
+    /// recompilation).
+    wire: Option<serde_json::Value>,
     /// Rules of the last filter that were skipped.
     skipped: usize,
     /// This device's addresses and the routes it serves.
@@ -269,23 +271,92 @@ pub struct PacketFilter {
 
 impl PacketFilter {
     /// Applies the `PacketFilter` of a map response: `None` (absent or null) keeps the
-    /// filter in force; a list replaces it. Returns how many rules were skipped.
-    pub fn set_rules(&mut self, wire: Option<&serde_json::Value>) -> usize {
-        let Some(v) = wire.filter(|v| !v.is_null()) else {
-            return 0;
-        };
+    /// filter in force; a list replaces it. Returns how many rules were skipped when the
+    /// filter changed, None when it did not.
+    pub fn set_rules(&mut self, wire: Option<&serde_json::Value>) -> Option<usize> {
+        let v = wire.filter(|v| !v.is_null())?;
+        if self.wire.as_ref() == Some(v) {
+            return None;
+        }
         let list = v.as_array().map(Vec::as_slice).unwrap_or_default();
         let mut rules = Vec::with_capacity(list.len());
+        let mut grants = Vec::new();
         let mut skipped = usize::from(!v.is_array());
         for r in list {
             match compile(r) {
-                Some(r) => rules.push(r),
+                Some((rule, g)) => {
+                    rules.extend(rule);
+                    grants.extend(g);
+                }
                 None => skipped += 1,
             }
         }
         self.rules = Some(rules);
+        self.grants = grants;
         self.skipped = skipped;
-        skipped
+        self.wire = Some(v.clone());
+        Some(skipped)
+    }
+
+    /// The capabilities granted to `src` on `dst` (`CapGrant`), by name with their values.
+    pub fn caps(&self, src: IpAddr, dst: IpAddr) -> BTreeMap<&str, Vec<&serde_json::Value>> {
+        let mut out: BTreeMap<&str, Vec<&serde_json::Value>> = BTreeMap::new();
+        for g in self.grants.iter().filter(|g| {
+            g.srcs.iter().any(|n| n.contains(&src)) && g.dsts.iter().any(|n| n.contains(&dst))
+        }) {
+            for (name, values) in &g.caps {
+                out.entry(name.as_str()).or_default().extend(values);
+            }
+        }
+        out
+    }
+
+    /// The filter in force in words, one line per rule and grant (`agentctl debug
+    /// filter`); empty when no filter has arrived.
+    pub fn describe(&self) -> Vec<String> {
+        let Some(rules) = &self.rules else {
+            return Vec::new();
+        };
+        let nets = |v: &[IpNet]| -> String {
+            if v.len() == 2 && v.iter().all(|n| n.prefix_len() == 0) {
+                return "*".into();
+            }
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut out: Vec<String> = rules
+            .iter()
+            .map(|r| {
+                let dsts = r
+                    .dsts
+                    .iter()
+                    .map(|&(n, f, l)| match (f, l) {
+                        (0, u16::MAX) => format!("{n}:*"),
+                        (f, l) if f == l => format!("{n}:{f}"),
+                        (f, l) => format!("{n}:{f}-{l}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let protos = (0..=255u8)
+                    .filter(|p| r.has_proto(*p))
+                    .map(proto_name)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                format!("accept {protos} from {} to {dsts}", nets(&r.srcs))
+            })
+            .collect();
+        out.extend(self.grants.iter().map(|g| {
+            let caps = g.caps.keys().map(String::as_str).collect::<Vec<_>>();
+            format!(
+                "grant {} from {} on {}",
+                caps.join(","),
+                nets(&g.srcs),
+                nets(&g.dsts)
+            )
+        }));
+        out
     }
 
     /// The rules in force (None: no filter yet) and how many were skipped.
@@ -296,6 +367,10 @@ impl PacketFilter {
     /// This device's addresses and served routes (what inbound packets may be for).
     pub fn set_local(&mut self, local: Vec<IpNet>) {
         self.local = local;
+    }
+
+    pub fn local(&self) -> &[IpNet] {
+        &self.local
     }
 
     /// A packet going out through the tunnel: a UDP or SCTP flow is remembered so its
@@ -370,6 +445,18 @@ impl PacketFilter {
         } else {
             Err(Deny::NoRule)
         }
+    }
+}
+
+/// A protocol's name for people.
+fn proto_name(p: u8) -> String {
+    match p {
+        TCP => "tcp".into(),
+        UDP => "udp".into(),
+        ICMP4 => "icmp".into(),
+        ICMP6 => "icmpv6".into(),
+        SCTP => "sctp".into(),
+        p => format!("proto{p}"),
     }
 }
 
@@ -617,10 +704,13 @@ mod tests {
             {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}], "IPProto": [300]},
             {"SrcIPs": ["*"], "SrcBits": [32], "DstPorts": []},
             "garbage",
-            {"SrcIPs": ["100.64.0.3"], "DstPorts": [{"IP": "100.64.0.1", "Ports": {"First": 22, "Last": 22}}], "Unknown": 1}
+            // A field this filter does not know could be a restriction: skipped.
+            {"SrcIPs": ["100.64.0.3"], "DstPorts": [{"IP": "100.64.0.1", "Ports": {"First": 23, "Last": 23}}], "SrcPorts": [1]},
+            {"SrcIPs": ["100.64.0.3"], "DstPorts": [{"IP": "100.64.0.1", "Ports": {"First": 22, "Last": 22}, "Extra": 1}]},
+            {"SrcIPs": ["100.64.0.3"], "DstPorts": [{"IP": "100.64.0.1", "Ports": {"First": 22, "Last": 22}}]}
         ])));
-        assert_eq!(skipped, 6);
-        assert_eq!(f.rule_count(), (Some(1), 6));
+        assert_eq!(skipped, Some(8));
+        assert_eq!(f.rule_count(), (Some(1), 8));
         assert_eq!(
             f.check_inbound(&tcp(ALICE, ME, 22, SYN), now),
             Err(Deny::NoRule)
@@ -631,11 +721,43 @@ mod tests {
             Err(Deny::NoRule)
         );
         // Not a list at all: nothing is let in, and it is counted.
-        assert_eq!(f.set_rules(Some(&json!({"a": 1}))), 1);
+        assert_eq!(f.set_rules(Some(&json!({"a": 1}))), Some(1));
         assert_eq!(
             f.check_inbound(&tcp(CAROL, ME, 22, SYN), now),
             Err(Deny::NoRule)
         );
+    }
+
+    #[test]
+    fn cap_grants_are_kept_and_described() {
+        let f = filter(json!([
+            {"SrcIPs": ["100.64.0.2"], "DstPorts": [{"IP": "100.64.0.1", "Ports": {"First": 22, "Last": 22}}], "IPProto": [6]},
+            {"SrcIPs": ["100.64.0.0/30"], "CapGrant": [{"Dsts": ["100.64.0.1/32"], "CapMap": {"tailscale.com/cap/relay": [{}]}}]},
+            {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}], "IPProto": [1]}
+        ]));
+        let relay = f.caps(IpAddr::from(ALICE), IpAddr::from(ME));
+        assert_eq!(
+            relay.keys().copied().collect::<Vec<_>>(),
+            ["tailscale.com/cap/relay"]
+        );
+        assert!(f
+            .caps(IpAddr::from([100, 64, 0, 9]), IpAddr::from(ME))
+            .is_empty());
+        assert!(f.caps(IpAddr::from(ALICE), IpAddr::from(CAROL)).is_empty());
+        // A grant opens no port.
+        assert_eq!(
+            f.check_inbound(&tcp(CAROL, ME, 22, SYN), Instant::now()),
+            Err(Deny::NoRule)
+        );
+        assert_eq!(
+            f.describe(),
+            [
+                "accept tcp from 100.64.0.2/32 to 100.64.0.1/32:22",
+                "accept icmp from * to 0.0.0.0/0:*,::/0:*",
+                "grant tailscale.com/cap/relay from 100.64.0.0/30 on 100.64.0.1/32",
+            ]
+        );
+        assert!(PacketFilter::default().describe().is_empty());
     }
 
     #[test]

@@ -72,6 +72,11 @@ pub struct Peer {
     path_quiet: bool,
     /// Datagrams waiting for a path (bounded by [`MAX_STALLED`]).
     stalled: VecDeque<bytes::Bytes>,
+    /// The control server marked the peer's key expired: nothing goes to or comes from
+    /// it.
+    expired: bool,
+    /// Packets from this peer the packet filter refused.
+    denied: u64,
 }
 
 impl std::fmt::Debug for Peer {
@@ -120,6 +125,8 @@ impl Peer {
             path_quiet: false,
             api_pings: Default::default(),
             api_pongs: VecDeque::new(),
+            expired: node.expired,
+            denied: 0,
         }
     }
 
@@ -144,6 +151,22 @@ impl Peer {
             self.path.rediscover(now);
         }
         self.name = node.name.clone();
+        self.expired = node.expired;
+    }
+
+    /// Whether the control server marked the peer's key expired.
+    pub fn expired(&self) -> bool {
+        self.expired
+    }
+
+    /// A packet from this peer was refused by the packet filter.
+    pub fn note_denied(&mut self) {
+        self.denied += 1;
+    }
+
+    /// How many packets from this peer the packet filter refused.
+    pub fn denied(&self) -> u64 {
+        self.denied
     }
 
     pub fn key(&self) -> &NodePublic {

@@ -133,8 +133,24 @@ pub struct Net {
 }
 
 impl Net {
-    /// A network with `nats.len()` devices (device `i` has tunnel address 100.64.0.i+1).
+    /// A network with `nats.len()` devices (device `i` has tunnel address 100.64.0.i+1),
+    /// each with an allow-all packet filter.
     pub fn new(seed: u64, nats: &[Nat]) -> Net {
+        let mut net = Net::without_filters(seed, nats);
+        for i in 0..net.devices.len() {
+            net.give_filter(
+                i,
+                Some(serde_json::json!([{
+                    "SrcIPs": ["*"],
+                    "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
+                }])),
+            );
+        }
+        net
+    }
+
+    /// A network whose devices have no packet filter yet (as right after they start).
+    pub fn without_filters(seed: u64, nats: &[Nat]) -> Net {
         let start = Instant::now();
         let mut net = Net {
             now: start,
@@ -182,6 +198,13 @@ impl Net {
         }
         net.give_netmaps(|_, n| n);
         net
+    }
+
+    /// Device `i` gets `filter` as its `PacketFilter` (a network starts with allow-all).
+    pub fn give_filter(&mut self, i: usize, filter: Option<serde_json::Value>) {
+        let d = &mut self.devices[i];
+        let local = vec![proto::IpNet::from(IpAddr::V4(d.ip))];
+        d.node.set_filter(filter.as_ref(), local);
     }
 
     pub fn with_loss(mut self, loss: f64, delay: Duration, jitter: Duration) -> Net {
@@ -521,6 +544,7 @@ fn parts(p: &[u8]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::filter::Deny;
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
@@ -581,7 +605,7 @@ mod tests {
         let mut net = Net::new(3, &[Nat::Public, Nat::EndpointIndependent]);
         assert!(deliver(&mut net, 0, 1, b"warm up", 2 * S));
         assert!(net.run_until(10 * S, |n| {
-            n.send_ip(0, n.ip(1), b"x");
+            n.send_ip(0, n.ip(1), b"xxxx");
             n.direct(0, 1)
         }));
         // The direct path dies (UDP cut at device 1): traffic goes on through the relay
@@ -595,7 +619,7 @@ mod tests {
         // UDP comes back: direct again.
         net.cut_udp(1, false);
         assert!(net.run_until(20 * S, |n| {
-            n.send_ip(0, n.ip(1), b"y");
+            n.send_ip(0, n.ip(1), b"yyyy");
             n.direct(0, 1)
         }));
         assert_eq!(net.stuck_timers, 0);
@@ -604,8 +628,8 @@ mod tests {
     #[test]
     fn udp_blocked_peers_use_the_relay() {
         let mut net = Net::new(4, &[Nat::UdpBlocked, Nat::Public]);
-        assert!(deliver(&mut net, 0, 1, b"a", 2 * S));
-        assert!(deliver(&mut net, 1, 0, b"b", 2 * S));
+        assert!(deliver(&mut net, 0, 1, b"aaaa", 2 * S));
+        assert!(deliver(&mut net, 1, 0, b"bbbb", 2 * S));
         assert_eq!(net.carried.udp, 0);
         assert!(!net.direct(1, 0));
     }
@@ -627,7 +651,7 @@ mod tests {
         // device 1, and no path to 1 is confirmed.
         assert!(deliver(&mut net, 0, 1, b"relay only", 2 * S));
         net.run_until(12 * S, |n| {
-            n.send_ip(0, n.ip(1), b"x");
+            n.send_ip(0, n.ip(1), b"xxxx");
             false
         });
         assert!(!net.direct(0, 1));
@@ -638,7 +662,7 @@ mod tests {
         assert!(!net.direct(0, 2));
         // Devices that are not in the dispute go direct as usual.
         assert!(net.run_until(12 * S, |n| {
-            n.send_ip(1, n.ip(2), b"x");
+            n.send_ip(1, n.ip(2), b"xxxx");
             n.direct(1, 2)
         }));
     }
@@ -657,6 +681,114 @@ mod tests {
             net.node(0).counters.wg_drop.get("source not allowed"),
             Some(&1)
         );
+    }
+
+    /// A UDP payload (the sim's packets are UDP) with its ports in front.
+    fn udp_payload(sport: u16, dport: u16, body: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 0]);
+        p.extend_from_slice(body);
+        p
+    }
+
+    fn delivered_bodies(net: &mut Net, i: usize) -> Vec<Vec<u8>> {
+        net.take_delivered(i).iter().map(|p| parts(p).2).collect()
+    }
+
+    #[test]
+    fn the_packet_filter_lets_in_what_its_rules_allow_and_counts_the_rest() {
+        let mut net = Net::new(9, &[Nat::Public, Nat::Public, Nat::Public]);
+        // Device 0 may be reached by device 1 on UDP 53 only; device 2 not at all.
+        net.give_filter(
+            0,
+            Some(serde_json::json!([{
+                "SrcIPs": [net.ip(1).to_string()],
+                "DstPorts": [{"IP": net.ip(0).to_string(), "Ports": {"First": 53, "Last": 53}}],
+                "IPProto": [17]
+            }])),
+        );
+        let ip0 = net.ip(0);
+        let ok = udp_payload(4000, 53, b"dns");
+        assert!(deliver(&mut net, 1, 0, &ok, 2 * S));
+        net.take_delivered(0);
+        net.send_ip(1, ip0, &udp_payload(4000, 80, b"web"));
+        net.send_ip(2, ip0, &udp_payload(4000, 53, b"dns from 2"));
+        net.run_for(2 * S);
+        assert!(delivered_bodies(&mut net, 0).is_empty());
+        let denied = |net: &Net, j: usize| net.node(0).peers().get(&net.key(j)).unwrap().denied();
+        assert_eq!((denied(&net, 1), denied(&net, 2)), (1, 1));
+        assert_eq!(net.node(0).counters.filter_denied.get(Deny::NoRule), 2);
+        // The filter does not bind device 0's own sending: its packets reach device 2.
+        assert!(deliver(&mut net, 0, 2, &udp_payload(1, 2, b"out"), 2 * S));
+    }
+
+    #[test]
+    fn replies_to_flows_a_device_opened_pass_its_deny_all_filter() {
+        let mut net = Net::new(10, &[Nat::Public, Nat::Public]);
+        net.give_filter(1, Some(serde_json::json!([])));
+        let ip1 = net.ip(1);
+        // Device 0 cannot open anything to device 1 ...
+        net.send_ip(0, ip1, &udp_payload(53, 5000, b"unasked"));
+        net.run_for(2 * S);
+        assert!(delivered_bodies(&mut net, 1).is_empty());
+        // ... but device 1's query gets its answer, and only from the port it asked.
+        assert!(deliver(
+            &mut net,
+            1,
+            0,
+            &udp_payload(5000, 53, b"query"),
+            2 * S
+        ));
+        net.send_ip(0, ip1, &udp_payload(53, 5000, b"answer"));
+        net.send_ip(0, ip1, &udp_payload(54, 5000, b"other port"));
+        net.run_for(S);
+        let got = delivered_bodies(&mut net, 1);
+        assert_eq!(got, vec![udp_payload(53, 5000, b"answer")]);
+    }
+
+    #[test]
+    fn until_a_filter_arrives_nothing_comes_in() {
+        let mut net = Net::without_filters(11, &[Nat::Public, Nat::Public]);
+        assert_eq!(net.node(1).filter().rule_count(), (None, 0));
+        let ip1 = net.ip(1);
+        net.give_filter(1, None);
+        net.send_ip(0, ip1, &udp_payload(1, 2, b"too early"));
+        net.run_for(2 * S);
+        assert!(delivered_bodies(&mut net, 1).is_empty());
+        assert!(net.node(1).counters.filter_denied.get(Deny::NoFilterYet) > 0);
+        // null keeps what is there (nothing); the first filter opens it.
+        net.give_filter(1, Some(serde_json::Value::Null));
+        net.give_filter(1, Some(serde_json::json!([{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}])));
+        assert!(deliver(&mut net, 0, 1, &udp_payload(1, 2, b"now"), 2 * S));
+    }
+
+    #[test]
+    fn an_expired_peer_is_cut_off_both_ways() {
+        let mut net = Net::new(12, &[Nat::Public, Nat::Public]);
+        assert!(deliver(
+            &mut net,
+            0,
+            1,
+            &udp_payload(1, 2, b"before"),
+            2 * S
+        ));
+        // Device 1's map marks device 0 expired.
+        let k0 = net.key(0);
+        net.give_netmaps(|viewer, mut n| {
+            n.expired = viewer == 1 && n.key == k0;
+            n
+        });
+        net.take_delivered(1);
+        let (ip0, ip1) = (net.ip(0), net.ip(1));
+        net.send_ip(0, ip1, &udp_payload(1, 2, b"after"));
+        net.send_ip(1, ip0, &udp_payload(2, 1, b"to expired"));
+        net.run_for(2 * S);
+        assert!(delivered_bodies(&mut net, 1).is_empty());
+        assert!(delivered_bodies(&mut net, 0).is_empty());
+        assert!(net.node(1).counters.filter_denied.get(Deny::PeerExpired) > 0);
+        assert_eq!(net.node(1).counters.send_peer_expired, 1);
     }
 
     #[test]
