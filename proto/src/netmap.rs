@@ -13,8 +13,11 @@ pub struct NetMap {
     /// Peers by node ID.
     pub peers: BTreeMap<i64, Node>,
     pub relay_map: Option<RelayMap>,
-    /// Raw `PacketFilter` JSON; `None` until the server sends one.
+    /// The packet filter as raw JSON rules (its named parts concatenated); `None` until
+    /// the server sends one.
     pub packet_filter: Option<serde_json::Value>,
+    /// The named parts of the filter (`PacketFilter` is the part `base`).
+    pub filter_parts: BTreeMap<String, serde_json::Value>,
     pub domain: String,
 }
 
@@ -72,13 +75,49 @@ impl NetMap {
                 p.online = Some(online);
             }
         }
-        if let Some(f) = r.packet_filter.filter(|f| !f.is_null()) {
-            self.packet_filter = Some(f);
-        }
+        self.apply_filter(r.packet_filter, r.packet_filters);
         if !r.domain.is_empty() {
             self.domain = r.domain;
         }
         *self != before
+    }
+
+    /// Merges `PacketFilter` (null or absent: unchanged) and `PacketFilters` (named
+    /// parts; null deletes a part, `"*": null` clears them all first) into the filter.
+    fn apply_filter(
+        &mut self,
+        base: Option<serde_json::Value>,
+        parts: Option<BTreeMap<String, serde_json::Value>>,
+    ) {
+        let base = base.filter(|f| !f.is_null());
+        if base.is_none() && parts.is_none() {
+            return;
+        }
+        if let Some(f) = base {
+            self.filter_parts.insert("base".into(), f);
+        }
+        if let Some(mut parts) = parts {
+            if parts.remove("*").is_some_and(|v| v.is_null()) {
+                self.filter_parts.clear();
+            }
+            for (name, rules) in parts {
+                if rules.is_null() {
+                    self.filter_parts.remove(&name);
+                } else {
+                    self.filter_parts.insert(name, rules);
+                }
+            }
+        }
+        // A part that is not a list is kept as one element: the filter skips and counts
+        // it rather than losing sight of it.
+        let mut all = Vec::new();
+        for part in self.filter_parts.values() {
+            match part {
+                serde_json::Value::Array(rules) => all.extend(rules.iter().cloned()),
+                other => all.push(other.clone()),
+            }
+        }
+        self.packet_filter = Some(serde_json::Value::Array(all));
     }
 
     /// The peer with this node key, if any.
@@ -168,5 +207,38 @@ mod tests {
         let r: MapResponse = serde_json::from_str(r#"{"PacketFilter":[]}"#).unwrap();
         nm.apply(r);
         assert_eq!(nm.packet_filter, Some(serde_json::json!([])));
+    }
+
+    #[test]
+    fn named_filter_parts_merge_in_name_order() {
+        let mut nm = NetMap::default();
+        let apply = |nm: &mut NetMap, json: &str| {
+            nm.apply(serde_json::from_str::<MapResponse>(json).unwrap());
+        };
+        apply(&mut nm, r#"{"KeepAlive":true}"#);
+        assert_eq!(nm.packet_filter, None);
+        apply(
+            &mut nm,
+            r#"{"PacketFilters":{"b":[{"SrcIPs":["2"]}],"a":[{"SrcIPs":["1"]}]}}"#,
+        );
+        assert_eq!(
+            nm.packet_filter,
+            Some(serde_json::json!([{"SrcIPs":["1"]},{"SrcIPs":["2"]}]))
+        );
+        // PacketFilter is the part "base"; null deletes a part.
+        apply(
+            &mut nm,
+            r#"{"PacketFilter":[{"SrcIPs":["0"]}],"PacketFilters":{"a":null}}"#,
+        );
+        assert_eq!(
+            nm.packet_filter,
+            Some(serde_json::json!([{"SrcIPs":["2"]},{"SrcIPs":["0"]}]))
+        );
+        // "*": null clears everything before the rest applies.
+        apply(&mut nm, r#"{"PacketFilters":{"*":null,"c":[]}}"#);
+        assert_eq!(nm.packet_filter, Some(serde_json::json!([])));
+        // A part that is not a list stays visible (the filter skips and counts it).
+        apply(&mut nm, r#"{"PacketFilters":{"d":{"x":1}}}"#);
+        assert_eq!(nm.packet_filter, Some(serde_json::json!([{"x":1}])));
     }
 }

@@ -444,6 +444,15 @@ pub struct MapResponse {
         skip_serializing_if = "Option::is_none"
     )]
     pub packet_filter: Option<serde_json::Value>,
+    /// Named parts of the packet filter (capability version 81): name → rules, or null
+    /// to delete that part; `"*": null` first clears every part. The filter is the parts
+    /// concatenated in name order, `PacketFilter` being the part named `base`.
+    #[serde(
+        rename = "PacketFilters",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub packet_filters: Option<std::collections::BTreeMap<String, serde_json::Value>>,
     #[serde(rename = "Domain", default, skip_serializing_if = "String::is_empty")]
     pub domain: String,
 }
