@@ -39,7 +39,7 @@ async fn env() -> Env {
     let store = Arc::new(SqliteStore::open(&dir.path().join("controld.db")).unwrap());
     let user = store.create_user("alice", now()).unwrap();
     let (auth_key, _) = store
-        .create_preauth_key(user.id, true, false, now() + 3600, now())
+        .create_preauth_key(user.id, true, false, &[], now() + 3600, now())
         .unwrap();
     let cfg = ControlConfig::new(
         "127.0.0.1:0".parse().unwrap(),
@@ -230,7 +230,7 @@ async fn expired_or_unknown_keys_cannot_register_and_change_nothing() {
     let user = e.store.users().unwrap()[0].clone();
     let (expired, _) = e
         .store
-        .create_preauth_key(user.id, true, false, now() - 1, now() - 10)
+        .create_preauth_key(user.id, true, false, &[], now() - 1, now() - 10)
         .unwrap();
     let err = device(&e, &expired, "192.0.2.9:1").await.err().unwrap();
     assert!(err.contains("expired"), "{err}");

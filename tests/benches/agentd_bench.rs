@@ -282,19 +282,70 @@ fn main() {
     let _bt = with_bt.then(|| boringtun(&lab, &ha, &hb, None, 0));
     let _bt1 = with_bt.then(|| boringtun(&lab, &ha, &hb, Some(1), 1));
     let _server = lab.spawn(&hb, "iperf3", ["-s", "--forceflush"]).unwrap();
+
+    // Eve and Frank: a direct pair like alice and bob, on a second controld whose policy
+    // gives Frank a 100-rule packet filter (99 rules for other sources and ports first,
+    // then the one that lets Eve in): the filter's cost, against alice → bob whose
+    // controld has no policy (one allow-all rule).
+    let policy_file = lab.log_dir().join("policy-100.hujson");
+    let mut acls: Vec<String> = (0..99)
+        .map(|i| {
+            format!(
+                r#"{{"action": "accept", "src": ["10.{i}.0.0/16"], "dst": ["frank@:{}"]}}"#,
+                2000 + i
+            )
+        })
+        .collect();
+    acls.push(r#"{"action": "accept", "src": ["eve@"], "dst": ["frank@:*"]}"#.into());
+    std::fs::write(
+        &policy_file,
+        format!("{{\"acls\": [\n{}\n]}}\n", acls.join(",\n")),
+    )
+    .unwrap();
+    let policy_arg = policy_file.display().to_string();
+    let control2 =
+        scenario::start_control_named(&lab, "control2", &map, &["--policy", &policy_arg]).unwrap();
+    let he = lab.add_public_host("eve").unwrap();
+    let hf = lab.add_public_host("frank").unwrap();
+    let key = |u: &str| control2.user_key(&lab, u, &[]).unwrap();
+    let mut e =
+        scenario::start_agentd_with_key(&lab, &he, "eve", &control2.url, &key("eve")).unwrap();
+    let f =
+        scenario::start_agentd_with_key(&lab, &hf, "frank", &control2.url, &key("frank")).unwrap();
+    let _ = lab.exec(
+        &he,
+        "ping",
+        ["-c", "3", "-i", "0.2", "-n", &f.ip.to_string()],
+    );
+    e.agentd
+        .wait_for_output("path=direct", Duration::from_secs(10))
+        .expect("no direct path between eve and frank");
+    let (ok, rules, _) = f.agentctl(&lab, &["debug", "filter", "--json"]).unwrap();
+    let rules: Value = serde_json::from_str(&rules).unwrap();
+    assert!(
+        ok && rules["rules"].as_array().unwrap().len() == 100,
+        "{rules:#}"
+    );
+    let _server_f = lab.spawn(&hf, "iperf3", ["-s", "--forceflush"]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let mut rows: Vec<(&str, Ipv4Addr)> = vec![
-        ("raw veth (no tunnel)", hb.ip),
-        ("agentd (direct)", b.ip),
-        ("agentd (through relayd)", c.ip),
+    let mut rows: Vec<(&str, &Host, Ipv4Addr)> = vec![
+        ("raw veth (no tunnel)", &ha, hb.ip),
+        ("agentd (direct)", &ha, b.ip),
+        ("agentd (through relayd)", &ha, c.ip),
+        ("agentd (direct, 100-rule packet filter)", &he, f.ip),
     ];
     if with_bt {
         rows.push((
             "boringtun-cli, default threads",
+            &ha,
             Ipv4Addr::new(10, 99, 0, 2),
         ));
-        rows.push(("boringtun-cli --threads 1", Ipv4Addr::new(10, 99, 1, 2)));
+        rows.push((
+            "boringtun-cli --threads 1",
+            &ha,
+            Ipv4Addr::new(10, 99, 1, 2),
+        ));
     }
     let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     let mut udp: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
@@ -302,7 +353,7 @@ fn main() {
     let mut load_rss = 0u64;
     let mut cpu_per_gb: Vec<(f64, f64)> = Vec::new();
     for round in 0..rounds() {
-        for (i, (name, ip)) in rows.iter().enumerate() {
+        for (i, (name, from, ip)) in rows.iter().enumerate() {
             let pid = a.agentd.pid();
             let sampler = std::thread::spawn(move || {
                 let mut max = 0;
@@ -327,7 +378,7 @@ fn main() {
                 Vec::new()
             };
             let cpu0 = (cpu_seconds(a.agentd.pid()), cpu_seconds(b.agentd.pid()));
-            let g = tcp_gbps(&lab, &ha, *ip);
+            let g = tcp_gbps(&lab, from, *ip);
             if i == 1 {
                 // CPU seconds per gigabyte carried, each end: less sensitive to a busy
                 // machine than the rate.
@@ -349,11 +400,11 @@ fn main() {
             } else {
                 Vec::new()
             };
-            let (p, loss) = udp_pps(&lab, &ha, *ip);
+            let (p, loss) = udp_pps(&lab, from, *ip);
             for mut c in probes {
                 let _ = c.wait();
             }
-            let r = ping_ms(&lab, &ha, *ip);
+            let r = ping_ms(&lab, from, *ip);
             eprintln!(
                 "round {round}: {name}: {g:.2} Gb/s, {p:.0} pps ({:.1} % lost), ping {r:.3} ms",
                 loss * 100.0
@@ -366,7 +417,7 @@ fn main() {
     let n = rounds();
     println!("| path | TCP Gb/s (median of {n}) | runs | 64-byte UDP, kpps received | ping RTT, ms (median) |");
     println!("|---|---:|---|---:|---:|");
-    for (i, (name, _)) in rows.iter().enumerate() {
+    for (i, (name, _, _)) in rows.iter().enumerate() {
         let runs: Vec<String> = tcp[i].iter().map(|g| format!("{g:.2}")).collect();
         println!(
             "| {name} | {:.2} | {} | {:.0} | {:.3} |",
@@ -377,6 +428,11 @@ fn main() {
         );
     }
     println!();
+    println!(
+        "100-rule packet filter vs none (allow-all), medians: TCP {:.3}, 64-byte UDP {:.3}",
+        median(tcp[3].clone()) / median(tcp[1].clone()),
+        median(udp[3].clone()) / median(udp[1].clone())
+    );
     println!(
         "agentd RSS: idle {:.1} MiB, under load (max during TCP runs) {:.1} MiB",
         idle_rss as f64 / 1024.0,

@@ -30,6 +30,7 @@ pub mod process;
 pub mod router;
 pub mod scenario;
 pub mod stun;
+pub mod tailscale;
 pub mod upnp;
 
 pub use error::{LabError, Result};

@@ -165,8 +165,18 @@ fn controld_cli(lab: &Lab, host: &Host, db: &Path, args: &[&str]) -> Result<Stri
 
 /// Starts controld (plain HTTP on port 8080) on a new internet server, serving `map`.
 pub fn start_control(lab: &Lab, map: &Path) -> Result<Control> {
-    let host = lab.add_server("control")?;
-    let db = lab.log_dir().join("controld.db");
+    start_control_with(lab, map, &[])
+}
+
+/// [`start_control`] with more `controld serve` flags (`--policy FILE`).
+pub fn start_control_with(lab: &Lab, map: &Path, extra: &[&str]) -> Result<Control> {
+    start_control_named(lab, "control", map, extra)
+}
+
+/// [`start_control_with`] on a server named `name` (a second controld in one lab).
+pub fn start_control_named(lab: &Lab, name: &str, map: &Path, extra: &[&str]) -> Result<Control> {
+    let host = lab.add_server(name)?;
+    let db = lab.log_dir().join(format!("{name}-controld.db"));
     controld_cli(lab, &host, &db, &["users", "create", "lab"])?;
     let auth_key = controld_cli(
         lab,
@@ -197,7 +207,9 @@ pub fn start_control(lab: &Lab, map: &Path) -> Result<Control> {
             listen.to_string(),
             "--relay-map".to_string(),
             map.display().to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string())),
     )?;
     server.wait_for_output("listening", Duration::from_secs(20))?;
     Ok(Control {
@@ -213,6 +225,32 @@ impl Control {
     /// Runs a controld admin command (`users …`, `keys …`, `nodes …`) on its database.
     pub fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
         controld_cli(lab, &self.host, &self.db, args)
+    }
+
+    /// Creates user `user` and a reusable pre-auth key for it (with `tags`, if any);
+    /// returns the key.
+    pub fn user_key(&self, lab: &Lab, user: &str, tags: &[&str]) -> Result<String> {
+        if !self
+            .cli(lab, &["users", "list"])?
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(user))
+        {
+            self.cli(lab, &["users", "create", user])?;
+        }
+        let tags = tags.join(",");
+        let mut args = vec![
+            "keys",
+            "create",
+            "--user",
+            user,
+            "--reusable",
+            "--expiration",
+            "1h",
+        ];
+        if !tags.is_empty() {
+            args.extend(["--tags", tags.as_str()]);
+        }
+        Ok(self.cli(lab, &args)?.trim().to_string())
     }
 
     /// The ID of the node named `name` (from `controld nodes list`).
@@ -306,7 +344,18 @@ impl Device {
 /// Starts `agentd up` on `host` and waits until its TUN device is up; returns the
 /// device with its 100.x address.
 pub fn start_agentd(lab: &Lab, host: &Host, name: &str, control: &Control) -> Result<Device> {
-    let mut dev = spawn_agentd(lab, host, name, &control.url, Some(&control.auth_key))?;
+    start_agentd_with_key(lab, host, name, &control.url, &control.auth_key)
+}
+
+/// [`start_agentd`] against `url` with the pre-auth key `key`.
+pub fn start_agentd_with_key(
+    lab: &Lab,
+    host: &Host,
+    name: &str,
+    url: &str,
+    key: &str,
+) -> Result<Device> {
+    let mut dev = spawn_agentd(lab, host, name, url, Some(key))?;
     let out = dev
         .agentd
         .wait_for_output("TUN device up", Duration::from_secs(20))?;

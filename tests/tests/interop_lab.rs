@@ -17,139 +17,11 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tests::scenario::{self, ping_once, Control};
-use tests::{lab_or_skip, ChildGuard, Host, Lab, RouterSpec};
-
-fn tailscale_bin(name: &str) -> Option<PathBuf> {
-    tests::interop::tool(name)
-}
-
-/// Whether tailscaled and its CLI are here (`tool` fails the test under CI=true when
-/// they should be and are not).
-fn have_tailscaled() -> bool {
-    tailscale_bin("tailscaled").is_some() && tailscale_bin("tailscale").is_some()
-}
-
-/// A tailscaled in `host`, logged in to `control`.
-struct Tailscaled {
-    host: Host,
-    cli: PathBuf,
-    socket: String,
-    ip: Ipv4Addr,
-    _daemon: ChildGuard,
-}
-
-impl Tailscaled {
-    fn start(lab: &Lab, host: &Host, name: &str, control: &Control) -> Tailscaled {
-        let daemon_bin = tailscale_bin("tailscaled").unwrap();
-        let cli = tailscale_bin("tailscale").unwrap();
-        let dir = lab.log_dir().join(format!("{name}-tailscaled"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("tailscaled.sock").display().to_string();
-        let daemon = lab
-            .spawn(
-                host,
-                daemon_bin,
-                [
-                    "--tun=userspace-networking".to_string(),
-                    "--state=mem:".to_string(),
-                    format!("--statedir={}", dir.display()),
-                    format!("--socket={socket}"),
-                    "--port=41641".to_string(),
-                    "--no-logs-no-support".to_string(),
-                ],
-            )
-            .unwrap();
-        let t0 = Instant::now();
-        while !std::path::Path::new(&socket).exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "tailscaled did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = lab
-            .exec(
-                host,
-                &cli,
-                [
-                    format!("--socket={socket}"),
-                    "up".into(),
-                    format!("--login-server={}", control.url),
-                    format!("--auth-key={}", control.auth_key),
-                    format!("--hostname={name}"),
-                    "--accept-dns=false".into(),
-                    "--timeout=30s".into(),
-                ],
-            )
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tailscale up: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ip = lab
-            .exec_ok(
-                host,
-                &cli,
-                [format!("--socket={socket}"), "ip".into(), "-4".into()],
-            )
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        Tailscaled {
-            host: host.clone(),
-            cli,
-            socket,
-            ip,
-            _daemon: daemon,
-        }
-    }
-
-    /// Runs `tailscale ARGS`; returns (success, stdout + stderr).
-    fn run(&self, lab: &Lab, args: &[&str]) -> (bool, String) {
-        let mut all = vec![format!("--socket={}", self.socket)];
-        all.extend(args.iter().map(|s| s.to_string()));
-        let out = lab.exec(&self.host, &self.cli, all).unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    }
-
-    /// The host names `tailscale status --json` lists as peers.
-    fn peer_names(&self, lab: &Lab) -> Vec<String> {
-        let (ok, out) = self.run(lab, &["status", "--json"]);
-        assert!(ok, "tailscale status --json: {out}");
-        let status: serde_json::Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("tailscale status --json: {e}: {out}"));
-        status["Peer"]
-            .as_object()
-            .map(|peers| {
-                peers
-                    .values()
-                    .filter_map(|p| p["HostName"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// `tailscale ping` until a direct pong (at most 20 pings); returns its output.
-    fn ping_until_direct(&self, lab: &Lab, ip: Ipv4Addr) -> String {
-        let (ok, out) = self.run(
-            lab,
-            &["ping", "--c", "20", "--timeout", "3s", &ip.to_string()],
-        );
-        assert!(ok, "tailscale ping {ip} found no direct path:\n{out}");
-        out
-    }
-}
+use tests::scenario::{self, ping_once};
+use tests::tailscale::{have_tailscaled, tool as tailscale_bin, Headscale, Tailscaled};
+use tests::{lab_or_skip, Host, RouterSpec};
 
 #[test]
 fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
@@ -162,14 +34,15 @@ fn two_tailscaled_on_our_controld_and_relayd_ping_via_relay_then_direct() {
     let rb = lab.add_router("rb", RouterSpec::easy()).unwrap();
     let ha = lab.add_lan_host("ta", &ra).unwrap();
     let hb = lab.add_lan_host("tb", &rb).unwrap();
-    let a = Tailscaled::start(&lab, &ha, "ta", &control);
-    let b = Tailscaled::start(&lab, &hb, "tb", &control);
+    let a = Tailscaled::start(&lab, &ha, "ta", &control).unwrap();
+    let b = Tailscaled::start(&lab, &hb, "tb", &control).unwrap();
 
     // Each lists the other.
-    assert_eq!(a.peer_names(&lab), ["tb"]);
-    assert_eq!(b.peer_names(&lab), ["ta"]);
+    assert_eq!(a.peer_names(&lab).unwrap(), ["tb"]);
+    assert_eq!(b.peer_names(&lab).unwrap(), ["ta"]);
 
-    let out = a.ping_until_direct(&lab, b.ip);
+    let (ok, out) = a.ping_until_direct(&lab, b.ip).unwrap();
+    assert!(ok, "tailscale ping found no direct path:\n{out}");
     eprintln!("tailscale ping tb:\n{out}");
     let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("pong")).collect();
     assert!(lines.first().unwrap().contains("via DERP(r901)"), "{out}");
@@ -206,10 +79,11 @@ fn agentd_and_tailscaled_go_direct(spec: RouterSpec, v6: bool) {
         (format!("{}:", ra.wan_ip), format!("{}:", rb.wan_ip))
     };
     let a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
-    let b = Tailscaled::start(&lab, &hb, "tb", &control);
+    let b = Tailscaled::start(&lab, &hb, "tb", &control).unwrap();
 
     // Disco from tailscaled to agentd: relayed pongs, then a direct one.
-    let out = b.ping_until_direct(&lab, a.ip);
+    let (ok, out) = b.ping_until_direct(&lab, a.ip).unwrap();
+    assert!(ok, "tailscale ping found no direct path:\n{out}");
     eprintln!("tailscale ping alice:\n{out}");
     assert!(
         out.lines()
@@ -227,23 +101,25 @@ fn agentd_and_tailscaled_go_direct(spec: RouterSpec, v6: bool) {
     }
     // And from tailscaled's side: an ICMP echo through the tunnel, answered by alice's
     // kernel behind agentd's TUN device.
-    let (ok, out) = b.run(
-        &lab,
-        &[
-            "ping",
-            "--icmp",
-            "--c",
-            "5",
-            "--timeout",
-            "2s",
-            &a.ip.to_string(),
-        ],
-    );
+    let (ok, out) = b
+        .run(
+            &lab,
+            &[
+                "ping",
+                "--icmp",
+                "--c",
+                "5",
+                "--timeout",
+                "2s",
+                &a.ip.to_string(),
+            ],
+        )
+        .unwrap();
     assert!(
         ok && out.contains(&format!("pong from alice ({})", a.ip)),
         "tailscale ping --icmp alice:\n{out}"
     );
-    assert_eq!(b.peer_names(&lab), ["alice"]);
+    assert_eq!(b.peer_names(&lab).unwrap(), ["alice"]);
     // agentd sees tailscaled as a direct peer, at the address expected.
     let peer = a
         .peer(&lab, "tb")
@@ -273,69 +149,6 @@ fn agentd_and_tailscaled_behind_hard_nats_go_direct_over_ipv6() {
 /// Headscale (pinned, built by `.ci/run`) on its own server in the lab, with our relayd's
 /// region as its relay map, a user and a reusable pre-auth key. Returned as a [`Control`]
 /// so agentd and tailscaled join it the same way they join controld.
-fn start_headscale(lab: &Lab, region: &scenario::Region) -> Option<Control> {
-    let bin = tailscale_bin("headscale")?;
-    let host = lab.add_server("headscale").unwrap();
-    let dir = lab.log_dir().join("headscale");
-    std::fs::create_dir_all(&dir).unwrap();
-    let d = dir.display();
-    std::fs::write(
-        dir.join("derp.yaml"),
-        format!(
-            "regions:\n  {id}:\n    regionid: {id}\n    regioncode: r{id}\n    regionname: Region {id}\n    nodes:\n      - name: {id}a\n        regionid: {id}\n        hostname: relay{id}\n        ipv4: {ip}\n        ipv6: none\n        insecurefortests: true\n",
-            id = region.id,
-            ip = region.host.ip
-        ),
-    )
-    .unwrap();
-    let ip = host.ip;
-    let config = format!(
-        "server_url: http://{ip}:8080\nlisten_addr: {ip}:8080\n\
-         metrics_listen_addr: {ip}:9090\ngrpc_listen_addr: {ip}:50443\n\
-         noise:\n  private_key_path: {d}/noise_private.key\n\
-         prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n\
-         derp:\n  server:\n    enabled: false\n  urls: []\n  paths:\n    - {d}/derp.yaml\n  auto_update_enabled: false\n\
-         disable_check_updates: true\n\
-         database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n\
-         dns:\n  magic_dns: false\n  base_domain: example.com\n  override_local_dns: false\n  nameservers:\n    global: []\n\
-         unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\n"
-    );
-    let cfg = dir.join("config.yaml");
-    std::fs::write(&cfg, config).unwrap();
-    let cfg = cfg.display().to_string();
-    let server = lab.spawn(&host, &bin, ["serve", "-c", &cfg]).unwrap();
-    let cli = |args: &[&str]| -> Option<serde_json::Value> {
-        let mut all = vec!["-c", cfg.as_str(), "-o", "json"];
-        all.extend_from_slice(args);
-        let out = lab.exec(&host, &bin, all).ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    };
-    // The CLI works once the server listens on its socket.
-    let t0 = Instant::now();
-    let user = loop {
-        if let Some(u) = cli(&["users", "create", "lab"]) {
-            break u;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "headscale did not start"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let user_id = user["id"].as_u64().unwrap().to_string();
-    let key = cli(&["preauthkeys", "create", "--user", &user_id, "--reusable"]).unwrap();
-    Some(Control {
-        host,
-        url: format!("http://{ip}:8080"),
-        db: dir.join("db.sqlite"),
-        auth_key: key["key"].as_str().unwrap().to_string(),
-        server,
-    })
-}
-
 #[test]
 fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
     let lab = lab_or_skip!();
@@ -343,7 +156,7 @@ fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
         return;
     }
     let region = scenario::start_region(&lab, 901, 10).unwrap();
-    let Some(hs) = start_headscale(&lab, &region) else {
+    let Some(hs) = Headscale::start(&lab, &region, None).unwrap() else {
         return;
     };
     // Hard NATs on both sides: the traffic has to go through the relay.
@@ -351,8 +164,8 @@ fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
     let rb = lab.add_router("rb", RouterSpec::hard()).unwrap();
     let ha = lab.add_lan_host("alice", &ra).unwrap();
     let hb = lab.add_lan_host("tb", &rb).unwrap();
-    let a = scenario::start_agentd(&lab, &ha, "alice", &hs).unwrap();
-    let b = Tailscaled::start(&lab, &hb, "tb", &hs);
+    let a = scenario::start_agentd(&lab, &ha, "alice", &hs.control).unwrap();
+    let b = Tailscaled::start(&lab, &hb, "tb", &hs.control).unwrap();
 
     scenario::wait_for_ping(&lab, &ha, b.ip, Duration::from_secs(20)).unwrap();
     for _ in 0..3 {
@@ -365,7 +178,7 @@ fn agentd_on_headscale_reaches_a_tailscaled_peer_through_our_relay() {
     assert_eq!(peer["path"], "relay", "{peer:#}");
     assert_eq!(peer["relay_region"], 901, "{peer:#}");
     // And tailscaled lists agentd.
-    let (ok, status) = b.run(&lab, &["status"]);
+    let (ok, status) = b.run(&lab, &["status"]).unwrap();
     assert!(ok && status.contains("alice"), "{status}");
 }
 

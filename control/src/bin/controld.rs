@@ -41,6 +41,16 @@ enum Command {
     /// Manage nodes.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Access policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Check a policy file (syntax, names, ports, and its `tests` section) without a
+    /// server: exits 0 when `controld serve --policy FILE` would accept it.
+    Check { file: PathBuf },
 }
 
 #[derive(Args, Debug, Default, serde::Deserialize)]
@@ -72,6 +82,12 @@ struct ServeArgs {
     /// DNS suffix of node names. [default: agentd.internal]
     #[arg(long, value_name = "DOMAIN")]
     domain: Option<String>,
+    /// Access policy (Tailscale's policy file format, HuJSON: groups, hosts, tagOwners,
+    /// acls, grants, tests). Reloaded when the file changes and on SIGHUP; an invalid
+    /// edit is refused and the policy in force stays. Without it every device may reach
+    /// every other.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Log filter. [default: info]
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -101,6 +117,10 @@ enum KeysCmd {
         /// How long the key is valid (e.g. 30m, 24h, 7d).
         #[arg(long, default_value = "24h")]
         expiration: String,
+        /// ACL tags for the nodes it registers, comma-separated (`tag:server,tag:web`).
+        /// A tagged node is owned by its tags in the policy, not by the user.
+        #[arg(long, value_delimiter = ',', value_name = "TAGS")]
+        tags: Vec<String>,
     },
     /// List pre-auth keys (prefixes only).
     List,
@@ -150,6 +170,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/controld/controld.db"));
     match cli.command {
         Command::Serve(args) => serve(args, &db),
+        Command::Policy(PolicyCmd::Check { file }) => {
+            control::server::check_policy_file(&file).map_err(anyhow::Error::msg)?;
+            println!("{}: valid", file.display());
+            Ok(())
+        }
         Command::Users(cmd) => {
             let store = open_store(&db)?;
             match cmd {
@@ -174,7 +199,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     reusable,
                     ephemeral,
                     expiration,
+                    tags,
                 } => {
+                    for t in &tags {
+                        control::server::policy::check_tag(t)?;
+                    }
                     let u = store.user_by_name(&user)?.with_context(|| {
                         format!("no user {user:?}: create it with `controld users create {user}`")
                     })?;
@@ -184,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         u.id,
                         reusable,
                         ephemeral,
+                        &tags,
                         t + d.as_secs() as i64,
                         t,
                     )?;
@@ -198,8 +228,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 KeysCmd::List => {
                     let t = now();
                     println!(
-                        "{:<5} {:<18} {:<6} {:<9} {:<10} {:<5} EXPIRES",
-                        "ID", "PREFIX", "USER", "REUSABLE", "EPHEMERAL", "USED"
+                        "{:<5} {:<18} {:<6} {:<9} {:<10} {:<5} {:<21} TAGS",
+                        "ID", "PREFIX", "USER", "REUSABLE", "EPHEMERAL", "USED", "EXPIRES"
                     );
                     for k in store.preauth_keys()? {
                         let exp = if k.expires <= t {
@@ -208,13 +238,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             rfc3339(k.expires)
                         };
                         println!(
-                            "{:<5} {:<18} {:<6} {:<9} {:<10} {:<5} {exp}",
+                            "{:<5} {:<18} {:<6} {:<9} {:<10} {:<5} {exp:<21} {}",
                             k.id,
                             format!("{}…", k.prefix),
                             k.user_id,
                             k.reusable,
                             k.ephemeral,
-                            k.used
+                            k.used,
+                            k.tags.join(",")
                         );
                     }
                 }
@@ -231,19 +262,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 NodesCmd::List => {
                     let t = now();
                     println!(
-                        "{:<5} {:<20} {:<16} {:<24} {:<6} {:<8} NODE KEY",
-                        "ID", "HOSTNAME", "IPV4", "IPV6", "HOME", "EXPIRED"
+                        "{:<5} {:<20} {:<16} {:<24} {:<6} {:<8} {:<12} TAGS",
+                        "ID", "HOSTNAME", "IPV4", "IPV6", "HOME", "EXPIRED", "NODE KEY"
                     );
                     for n in store.nodes()? {
                         println!(
-                            "{:<5} {:<20} {:<16} {:<24} {:<6} {:<8} {}",
+                            "{:<5} {:<20} {:<16} {:<24} {:<6} {:<8} {:<12} {}",
                             n.id,
                             n.hostname,
                             n.ipv4,
                             n.ipv6,
                             n.home_derp,
                             n.is_expired(t),
-                            n.node_key.short()
+                            n.node_key.short().to_string(),
+                            n.tags.join(",")
                         );
                     }
                 }
@@ -290,6 +322,7 @@ fn serve(mut args: ServeArgs, db: &Path) -> anyhow::Result<()> {
         args.relay_map = args.relay_map.or(file.relay_map);
         args.key_file = args.key_file.or(file.key_file);
         args.domain = args.domain.or(file.domain);
+        args.policy = args.policy.or(file.policy);
         args.log_level = args.log_level.or(file.log_level);
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -342,6 +375,7 @@ fn serve(mut args: ServeArgs, db: &Path) -> anyhow::Result<()> {
     if let Some(d) = args.domain {
         cfg.domain = d;
     }
+    cfg.policy = args.policy;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -354,7 +388,18 @@ fn serve(mut args: ServeArgs, db: &Path) -> anyhow::Result<()> {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            let mut hup = signal(SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => match server.reload_policy().await {
+                        Ok(true) => tracing::info!("SIGHUP: access policy reloaded"),
+                        Ok(false) => tracing::info!("SIGHUP: access policy unchanged"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: the policy is refused; the previous one stays in force"),
+                    },
+                }
+            }
         }
         #[cfg(not(unix))]
         tokio::signal::ctrl_c().await?;

@@ -7,7 +7,45 @@ use std::sync::Arc;
 use proto::relaymap::RelayMap;
 use proto::tailcfg::{Hostinfo, MapResponse, Node};
 
+use super::policy::{Identity, Policy};
 use super::store::NodeRecord;
+
+/// What each node may reach and see under the policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Access {
+    /// Each node's `PacketFilter` (JSON rules).
+    pub filters: BTreeMap<i64, Arc<serde_json::Value>>,
+    /// The peers each node is shown.
+    pub peers: BTreeMap<i64, BTreeSet<i64>>,
+}
+
+impl Access {
+    /// Compiles `policy` for `nodes` (user names from `users`).
+    pub fn compile(
+        policy: &Policy,
+        nodes: &BTreeMap<i64, Arc<NodeRecord>>,
+        users: &BTreeMap<i64, String>,
+    ) -> Access {
+        let ids: Vec<Identity> = nodes
+            .values()
+            .map(|n| Identity {
+                id: n.id,
+                user: users.get(&n.user_id).cloned().unwrap_or_default(),
+                tags: n.tags.clone(),
+                addresses: vec![n.ipv4.into(), n.ipv6.into()],
+            })
+            .collect();
+        let compiled = policy.compile(&ids);
+        let mut access = Access::default();
+        for id in nodes.keys() {
+            let rules = compiled.filter_for(*id);
+            let json = serde_json::to_value(&rules).unwrap_or_else(|_| serde_json::json!([]));
+            access.filters.insert(*id, Arc::new(json));
+            access.peers.insert(*id, compiled.peers_of(*id).clone());
+        }
+        access
+    }
+}
 
 /// The registry at one moment: every node, which ones are streaming now, and their wire
 /// form (built once per snapshot, shared by every stream).
@@ -25,15 +63,25 @@ pub struct Snapshot {
     pub wire: BTreeMap<i64, Arc<Node>>,
     /// IDs whose wire form differs from the previous snapshot (added and removed too).
     pub changed: BTreeSet<i64>,
+    /// Filters and visibility under the policy; None: no policy, everything allowed.
+    pub access: Option<Arc<Access>>,
+    /// What `access` was compiled from (the policy, and each node's owner, tags and
+    /// addresses): a snapshot with the same inputs reuses it.
+    access_inputs: Option<(Arc<Policy>, Vec<AccessInput>)>,
 }
 
+/// One node as the policy sees it.
+type AccessInput = (i64, String, Vec<String>, std::net::Ipv4Addr, std::net::Ipv6Addr);
+
 impl Snapshot {
-    /// Builds the next snapshot after `prev`, reusing its entries for unchanged nodes.
+    /// Builds the next snapshot after `prev`, reusing its entries for unchanged nodes,
+    /// with the policy (if any) compiled for its nodes.
     pub fn build(
         nodes: BTreeMap<i64, NodeRecord>,
         online: BTreeSet<i64>,
         now: i64,
         domain: &str,
+        policy: Option<(&Arc<Policy>, &BTreeMap<i64, String>)>,
         prev: &Snapshot,
     ) -> Snapshot {
         let mut records = BTreeMap::new();
@@ -59,6 +107,34 @@ impl Snapshot {
             }
         }
         changed.extend(prev.wire.keys().filter(|id| !wire.contains_key(id)));
+        let mut access = None;
+        let mut access_inputs = None;
+        if let Some((p, users)) = policy {
+            let inputs: Vec<AccessInput> = records
+                .values()
+                .map(|n| {
+                    let user = users.get(&n.user_id).cloned().unwrap_or_default();
+                    (n.id, user, n.tags.clone(), n.ipv4, n.ipv6)
+                })
+                .collect();
+            let same_inputs = prev
+                .access_inputs
+                .as_ref()
+                .is_some_and(|(pp, pi)| Arc::ptr_eq(pp, p) && *pi == inputs);
+            access = match &prev.access {
+                Some(old) if same_inputs => Some(old.clone()),
+                old => {
+                    let a = Access::compile(p, &records, users);
+                    // Unchanged results keep the old allocation (streams compare by
+                    // pointer first).
+                    Some(match old {
+                        Some(old) if **old == a => old.clone(),
+                        _ => Arc::new(a),
+                    })
+                }
+            };
+            access_inputs = Some((p.clone(), inputs));
+        }
         Snapshot {
             version: prev.version + 1,
             prev_version: prev.version,
@@ -67,12 +143,33 @@ impl Snapshot {
             now,
             wire,
             changed,
+            access,
+            access_inputs,
         }
     }
 
     /// Whether nothing a node can see differs from `prev`.
     pub fn same_as(&self, prev: &Snapshot) -> bool {
-        self.changed.is_empty() && self.wire.len() == prev.wire.len()
+        self.changed.is_empty() && self.wire.len() == prev.wire.len() && self.access == prev.access
+    }
+
+    /// The packet filter of node `id`.
+    fn filter_for(&self, id: i64) -> serde_json::Value {
+        match &self.access {
+            None => allow_all_filter(),
+            Some(a) => a
+                .filters
+                .get(&id)
+                .map(|f| (**f).clone())
+                .unwrap_or_else(|| serde_json::json!([])),
+        }
+    }
+
+    /// Whether the policy lets `viewer` see `peer` (always, without a policy).
+    fn allows(&self, viewer: i64, peer: i64) -> bool {
+        self.access
+            .as_ref()
+            .is_none_or(|a| a.peers.get(&viewer).is_some_and(|p| p.contains(&peer)))
     }
 }
 
@@ -127,7 +224,7 @@ pub fn to_node(n: &NodeRecord, online: bool, now: i64, domain: &str) -> Node {
         last_seen: n.last_seen.map(rfc3339),
         machine_authorized: true,
         expired: n.is_expired(now),
-        tags: Vec::new(),
+        tags: n.tags.clone(),
     }
 }
 
@@ -139,9 +236,13 @@ pub fn allow_all_filter() -> serde_json::Value {
     }])
 }
 
-/// Whether `self_id` may see node `n` in `snap` (every other node that has not expired).
+/// Whether `self_id` may see node `n` in `snap`: every other node that has not expired
+/// and that the policy lets it reach or be reached by.
 fn visible(snap: &Snapshot, self_id: i64, n: &Node) -> bool {
-    n.id != self_id && !n.expired && snap.nodes.contains_key(&n.id)
+    n.id != self_id
+        && !n.expired
+        && snap.nodes.contains_key(&n.id)
+        && snap.allows(self_id, n.id)
 }
 
 /// The first message of a stream: self, relay map, all peers, packet filter.
@@ -157,7 +258,7 @@ pub fn full_map(snap: &Snapshot, self_id: i64, settings: &MapSettings) -> Option
         node: Some(me),
         derp_map: Some((*settings.relay_map).clone()),
         peers,
-        packet_filter: Some(allow_all_filter()),
+        packet_filter: Some(snap.filter_for(self_id)),
         domain: settings.domain.clone(),
         ..Default::default()
     })
@@ -167,7 +268,13 @@ pub fn full_map(snap: &Snapshot, self_id: i64, settings: &MapSettings) -> Option
 /// was built directly from `old`, only the changed IDs are examined.
 pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64) -> Option<MapResponse> {
     let mut r = MapResponse::default();
-    let ids: Box<dyn Iterator<Item = i64> + '_> = if new.prev_version == old.version {
+    let (old_access, new_access) = (
+        old.access.as_ref().and_then(|a| a.peers.get(&self_id)),
+        new.access.as_ref().and_then(|a| a.peers.get(&self_id)),
+    );
+    let same_view = old.access.is_none() == new.access.is_none() && old_access == new_access;
+    let ids: Box<dyn Iterator<Item = i64> + '_> = if new.prev_version == old.version && same_view
+    {
         Box::new(new.changed.iter().copied())
     } else {
         Box::new(
@@ -206,6 +313,16 @@ pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64) -> Option<MapResponse
             (None, None) => {}
         }
     }
+    let filter_changed = match (&old.access, &new.access) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            !Arc::ptr_eq(a, b) && a.filters.get(&self_id) != b.filters.get(&self_id)
+        }
+        _ => true,
+    };
+    if filter_changed {
+        r.packet_filter = Some(new.filter_for(self_id));
+    }
     if r == MapResponse::default() {
         None
     } else {
@@ -242,6 +359,7 @@ mod tests {
             created: 0,
             last_seen: None,
             os: "linux".into(),
+            tags: vec![],
         }
     }
 
@@ -258,6 +376,7 @@ mod tests {
             online.iter().copied().collect(),
             100,
             "d",
+            None,
             prev,
         )
     }
@@ -274,6 +393,7 @@ mod tests {
             [1].into_iter().collect(),
             100,
             "agentd.internal",
+            None,
             &Snapshot::default(),
         );
         let m = full_map(&s, 1, &settings()).unwrap();

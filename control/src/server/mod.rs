@@ -8,11 +8,13 @@
 
 mod http;
 pub mod mapper;
+pub mod policy;
 mod session;
 pub mod store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +42,9 @@ pub struct ControlConfig {
     pub keepalive: Duration,
     /// How often the database is checked for changes made by other processes.
     pub poll_interval: Duration,
+    /// The access policy file (Tailscale's policy format, HuJSON); `None`: everything is
+    /// allowed. Read at start, when it changes, and on [`RunningControl::reload_policy`].
+    pub policy: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -62,6 +67,7 @@ impl ControlConfig {
             domain: "agentd.internal".into(),
             keepalive: Duration::from_secs(50),
             poll_interval: Duration::from_millis(200),
+            policy: None,
         }
     }
 }
@@ -116,6 +122,8 @@ pub(crate) struct Shared {
     online: Mutex<BTreeMap<i64, usize>>,
     pub metrics: Metrics,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// The policy in force and the file text it came from.
+    policy: Mutex<Option<(Arc<policy::Policy>, String)>>,
 }
 
 pub(crate) fn now_unix() -> i64 {
@@ -137,12 +145,28 @@ impl Shared {
             .keys()
             .copied()
             .collect();
+        let policy = self
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(p, _)| p.clone());
+        let users: BTreeMap<i64, String> = match &policy {
+            Some(_) => self
+                .store
+                .users()?
+                .into_iter()
+                .map(|u| (u.id, u.name))
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let prev = self.snapshot.borrow().clone();
         let snap = Snapshot::build(
             nodes.into_iter().map(|n| (n.id, n)).collect(),
             online,
             now_unix(),
             &self.settings.domain,
+            policy.as_ref().map(|p| (p, &users)),
             &prev,
         );
         if !snap.same_as(&prev) {
@@ -167,6 +191,57 @@ impl Shared {
     pub fn streaming(&self) -> usize {
         self.online.lock().map(|o| o.values().sum()).unwrap_or(0)
     }
+
+    /// Reads the policy file again; a valid policy that differs from the one in force
+    /// replaces it and reaches every stream. Ok(true) when it changed; an invalid one is
+    /// refused (the one in force stays) with its file, line and reason.
+    pub async fn reload_policy(&self) -> Result<bool, String> {
+        let Some(path) = &self.cfg.policy else {
+            return Ok(false);
+        };
+        let text = read_policy_file(path)?;
+        let same = self
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(_, t)| *t == text);
+        if same {
+            return Ok(false);
+        }
+        let parsed = policy::Policy::parse(&text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = Some((Arc::new(parsed), text));
+        self.refresh().await.map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+}
+
+/// Policy files larger than this are refused (a policy is a few KiB; this bounds what a
+/// mistaken path could make controld read).
+const MAX_POLICY_BYTES: u64 = 4 << 20;
+
+fn read_policy_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut text = String::new();
+    f.take(MAX_POLICY_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_POLICY_BYTES {
+        return Err(format!(
+            "{}: larger than {} MiB",
+            path.display(),
+            MAX_POLICY_BYTES >> 20
+        ));
+    }
+    Ok(text)
+}
+
+/// Checks a policy file without a server (`controld policy check`).
+pub fn check_policy_file(path: &std::path::Path) -> Result<policy::Policy, String> {
+    let text = read_policy_file(path)?;
+    policy::Policy::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// A running controld.
@@ -188,6 +263,11 @@ impl RunningControl {
     }
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+    /// Reads the policy file again (SIGHUP). Ok(true) when the policy in force changed;
+    /// Err with file, line and reason when the file is invalid (the old one stays).
+    pub async fn reload_policy(&self) -> Result<bool, String> {
+        self.shared.reload_policy().await
     }
     /// Stops accepting and ends every stream.
     pub fn shutdown(self) {
@@ -227,21 +307,54 @@ impl ControlServer {
             online: Mutex::new(BTreeMap::new()),
             metrics: Metrics::default(),
             refresh_lock: tokio::sync::Mutex::new(()),
+            policy: Mutex::new(None),
         });
+        shared
+            .reload_policy()
+            .await
+            .map_err(|e| std::io::Error::other(format!("the policy is not valid: {e}")))?;
         shared
             .refresh()
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         tracing::info!(%addr, tls = shared.cfg.tls.is_some(), key = %shared.cfg.control_key.public(), "controld listening");
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(http::accept_loop(shared.clone(), listener)),
             tokio::spawn(watch_database(shared.clone())),
         ];
+        if let Some(path) = &shared.cfg.policy {
+            tracing::info!(path = %path.display(), "access policy in force");
+            tasks.push(tokio::spawn(watch_policy(shared.clone())));
+        }
         Ok(RunningControl {
             shared,
             addr,
             tasks,
         })
+    }
+}
+
+/// How often the policy file is read to notice an edit.
+const POLICY_POLL: Duration = Duration::from_millis(500);
+
+/// Reloads the policy when its file changes; an invalid edit is logged once and the
+/// policy in force stays.
+async fn watch_policy(shared: Arc<Shared>) {
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(POLICY_POLL).await;
+        match shared.reload_policy().await {
+            Ok(true) => {
+                last_error.clear();
+                tracing::info!("access policy reloaded");
+            }
+            Ok(false) => {}
+            Err(e) if e != last_error => {
+                tracing::error!(error = %e, "the edited policy is refused; the previous one stays in force");
+                last_error = e;
+            }
+            Err(_) => {}
+        }
     }
 }
 

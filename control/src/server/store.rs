@@ -63,6 +63,8 @@ pub struct PreAuthKeyRecord {
     /// Unix seconds.
     pub expires: i64,
     pub created: i64,
+    /// ACL tags the nodes it registers get (`tag:server`).
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +86,9 @@ pub struct NodeRecord {
     pub last_seen: Option<i64>,
     /// The OS the node reported at registration.
     pub os: String,
+    /// ACL tags, from the pre-auth key it registered with; a tagged node is owned by its
+    /// tags, not its user.
+    pub tags: Vec<String>,
 }
 
 impl NodeRecord {
@@ -118,6 +123,7 @@ pub trait Store: Send + Sync {
         user_id: i64,
         reusable: bool,
         ephemeral: bool,
+        tags: &[String],
         expires: i64,
         now: i64,
     ) -> Result<(String, PreAuthKeyRecord), StoreError>;
@@ -153,7 +159,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema
     "CREATE TABLE users (
@@ -189,6 +195,9 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: the OS each node reports (shown to its peers)
     "ALTER TABLE nodes ADD COLUMN os TEXT NOT NULL DEFAULT '';",
+    // 3: ACL tags of pre-auth keys and of the nodes they register (JSON lists)
+    "ALTER TABLE preauth_keys ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE nodes ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// Offsets into 100.64.0.0/10 (and the same offset in fd7a:115c:a1e0::/48).
@@ -245,11 +254,19 @@ fn node_from_row(row: &Row<'_>) -> rusqlite::Result<NodeRecord> {
         created: row.get(11)?,
         last_seen: row.get(12)?,
         os: row.get(13)?,
+        tags: tags_from(&row.get::<_, String>(14)?),
     })
 }
 
 const NODE_COLUMNS: &str = "id, user_id, machine_key, node_key, disco_key, hostname, ip_offset, \
-     endpoints, home_derp, expiry, ephemeral, created, last_seen, os";
+     endpoints, home_derp, expiry, ephemeral, created, last_seen, os, tags";
+
+/// A stored tag list (JSON); unreadable = no tags (a tag grants access, so never guess).
+fn tags_from(json: &str) -> Vec<String> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+const KEY_COLUMNS: &str = "id, prefix, user_id, reusable, ephemeral, used, expires, created, tags";
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<PreAuthKeyRecord> {
     Ok(PreAuthKeyRecord {
@@ -261,6 +278,7 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<PreAuthKeyRecord> {
         used: row.get(5)?,
         expires: row.get(6)?,
         created: row.get(7)?,
+        tags: tags_from(&row.get::<_, String>(8)?),
     })
 }
 
@@ -359,6 +377,7 @@ impl Store for SqliteStore {
         user_id: i64,
         reusable: bool,
         ephemeral: bool,
+        tags: &[String],
         expires: i64,
         now: i64,
     ) -> Result<(String, PreAuthKeyRecord), StoreError> {
@@ -379,9 +398,18 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound("user"));
         }
         conn.execute(
-            "INSERT INTO preauth_keys (key_hash, prefix, user_id, reusable, ephemeral, expires, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![hash_key(&key), prefix, user_id, reusable, ephemeral, expires, now],
+            "INSERT INTO preauth_keys (key_hash, prefix, user_id, reusable, ephemeral, expires, created, tags)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                hash_key(&key),
+                prefix,
+                user_id,
+                reusable,
+                ephemeral,
+                expires,
+                now,
+                serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+            ],
         )?;
         let record = PreAuthKeyRecord {
             id: conn.last_insert_rowid(),
@@ -392,6 +420,7 @@ impl Store for SqliteStore {
             used: false,
             expires,
             created: now,
+            tags: tags.to_vec(),
         };
         Ok((key, record))
     }
@@ -399,8 +428,7 @@ impl Store for SqliteStore {
     fn preauth_keys(&self) -> Result<Vec<PreAuthKeyRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, prefix, user_id, reusable, ephemeral, used, expires, created
-             FROM preauth_keys ORDER BY id",
+            &format!("SELECT {KEY_COLUMNS} FROM preauth_keys ORDER BY id"),
         )?;
         let rows = stmt.query_map([], key_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -445,6 +473,7 @@ impl Store for SqliteStore {
             .optional()?;
         let mut user_id = existing.as_ref().map(|n| n.user_id);
         let mut ephemeral = existing.as_ref().is_some_and(|n| n.ephemeral);
+        let mut tags = existing.as_ref().map(|n| n.tags.clone()).unwrap_or_default();
         // A device that is registered and current, coming back with the key it first
         // joined with (a restarted daemon still has it in its settings), is a plain
         // re-registration: a single-use key it already spent must not lock it out.
@@ -455,8 +484,7 @@ impl Store for SqliteStore {
         if let Some(key) = auth_key {
             let found: Option<PreAuthKeyRecord> = tx
                 .query_row(
-                    "SELECT id, prefix, user_id, reusable, ephemeral, used, expires, created
-                     FROM preauth_keys WHERE key_hash = ?1",
+                    &format!("SELECT {KEY_COLUMNS} FROM preauth_keys WHERE key_hash = ?1"),
                     params![hash_key(key)],
                     key_from_row,
                 )
@@ -476,12 +504,14 @@ impl Store for SqliteStore {
             )?;
             user_id = Some(k.user_id);
             ephemeral = k.ephemeral;
+            tags = k.tags;
         } else if existing.is_none() {
             return Ok(Err(RegisterRefusal::NotRegistered));
         }
         let Some(user_id) = user_id else {
             return Ok(Err(RegisterRefusal::NotRegistered));
         };
+        let tags_json = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
         let id = match &existing {
             Some(n) => {
                 // Re-registration or key rotation: same node, same addresses, key refreshed;
@@ -493,7 +523,7 @@ impl Store for SqliteStore {
                 };
                 tx.execute(
                     "UPDATE nodes SET node_key = ?2, hostname = ?3, user_id = ?4, expiry = ?5,
-                     ephemeral = ?6, os = ?7 WHERE id = ?1",
+                     ephemeral = ?6, os = ?7, tags = ?8 WHERE id = ?1",
                     params![
                         n.id,
                         node_key,
@@ -501,7 +531,8 @@ impl Store for SqliteStore {
                         user_id,
                         expiry,
                         ephemeral,
-                        reg.os
+                        reg.os,
+                        tags_json
                     ],
                 )?;
                 n.id
@@ -517,7 +548,7 @@ impl Store for SqliteStore {
                     .ok_or(StoreError::AddressesExhausted)?;
                 tx.execute(
                     "INSERT INTO nodes (user_id, machine_key, node_key, hostname, ip_offset,
-                     ephemeral, created, os) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     ephemeral, created, os, tags) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     params![
                         user_id,
                         machine,
@@ -526,7 +557,8 @@ impl Store for SqliteStore {
                         offset,
                         ephemeral,
                         reg.now,
-                        reg.os
+                        reg.os,
+                        tags_json
                     ],
                 )?;
                 tx.last_insert_rowid()
@@ -648,7 +680,7 @@ mod tests {
     fn register_allocates_stable_unique_addresses() {
         let s = SqliteStore::in_memory().unwrap();
         let u = s.create_user("alice", 0).unwrap();
-        let (key, _) = s.create_preauth_key(u.id, true, false, 1000, 0).unwrap();
+        let (key, _) = s.create_preauth_key(u.id, true, false, &[], 1000, 0).unwrap();
         let (m1, n1) = (
             MachinePrivate::generate().public(),
             NodePrivate::generate().public(),
@@ -681,8 +713,8 @@ mod tests {
     fn bad_keys_and_stolen_node_keys_are_refused_without_changes() {
         let s = SqliteStore::in_memory().unwrap();
         let u = s.create_user("alice", 0).unwrap();
-        let (once, _) = s.create_preauth_key(u.id, false, false, 1000, 0).unwrap();
-        let (old, old_rec) = s.create_preauth_key(u.id, true, false, 10, 0).unwrap();
+        let (once, _) = s.create_preauth_key(u.id, false, false, &[], 1000, 0).unwrap();
+        let (old, old_rec) = s.create_preauth_key(u.id, true, false, &[], 10, 0).unwrap();
         let (m1, n1) = (
             MachinePrivate::generate().public(),
             NodePrivate::generate().public(),
@@ -734,7 +766,7 @@ mod tests {
         let path = dir.path().join("controld.db");
         let s = SqliteStore::open(&path).unwrap();
         let u = s.create_user("alice", 0).unwrap();
-        let (key, _) = s.create_preauth_key(u.id, true, false, 1000, 0).unwrap();
+        let (key, _) = s.create_preauth_key(u.id, true, false, &[], 1000, 0).unwrap();
         let (m, n) = (
             MachinePrivate::generate().public(),
             NodePrivate::generate().public(),
