@@ -78,7 +78,7 @@ const TCP: i64 = 6;
 const UDP: i64 = 17;
 const SCTP: i64 = 132;
 /// What an empty `IPProto` stands for: TCP, UDP, ICMPv4, ICMPv6.
-pub(super) const DEFAULT_PROTOS: [i64; 4] = [TCP, UDP, 1, 58];
+const DEFAULT_PROTOS: [i64; 4] = [TCP, UDP, 1, 58];
 const PROTOCOLS: [(&str, i64); 15] = [
     ("ah", 51),
     ("egp", 8),
@@ -149,10 +149,15 @@ impl Reader<'_> {
         }
     }
 
-    /// A non-empty array of strings, each with its offset.
-    fn strings<'j>(&self, j: &'j Json, what: &str) -> Result<Vec<(&'j str, usize)>, PolicyError> {
+    /// An array of strings (non-empty if `needed`), each with its offset.
+    fn strings<'j>(
+        &self,
+        j: &'j Json,
+        what: &str,
+        needed: bool,
+    ) -> Result<Vec<(&'j str, usize)>, PolicyError> {
         let items = self.array(j, what)?;
-        if items.is_empty() {
+        if needed && items.is_empty() {
             return Err(self.err(j.at, format!("{what} must not be empty")));
         }
         items
@@ -295,23 +300,13 @@ impl Reader<'_> {
         for f in fields {
             for o in self.array(&f.value, &f.key)? {
                 let owner = self.string(o, "a tag owner")?;
-                let known = if owner.starts_with("group:") {
-                    self.groups.contains_key(owner)
-                } else if owner.starts_with("tag:") {
-                    self.tags.contains(owner)
-                } else {
-                    user_name(owner).is_some()
-                };
-                if !known {
-                    let reason = if owner.starts_with("group:") || owner.starts_with("tag:") {
-                        format!("tag owner {owner:?} of {} is not defined", f.key)
-                    } else {
-                        format!(
-                            "tag owner {owner:?} of {} must be a user (name@), group: or tag:",
-                            f.key
-                        )
-                    };
-                    return Err(self.err(o.at, reason));
+                match self.alias(owner, false) {
+                    Ok(Alias::User(_) | Alias::Group(_) | Alias::Tag(_)) => {}
+                    Ok(_) => {
+                        let reason = format!("tag owner {owner:?} must be a user, group or tag");
+                        return Err(self.err(o.at, reason));
+                    }
+                    Err(e) => return Err(self.err(o.at, format!("tag owner: {e}"))),
                 }
             }
         }
@@ -362,7 +357,7 @@ impl Reader<'_> {
 
     /// Aliases from an array of strings, errors pointing at the offending entry.
     fn aliases(&self, j: &Json, what: &str, dst: bool) -> Result<Vec<Alias>, PolicyError> {
-        self.strings(j, what)?
+        self.strings(j, what, true)?
             .into_iter()
             .map(|(s, at)| self.alias(s, dst).map_err(|e| self.err(at, e)))
             .collect()
@@ -401,30 +396,23 @@ impl Reader<'_> {
             &["action", "src", "dst", "proto"],
             &["action", "src", "dst"],
         )?;
-        if let Some(a) = e.get("action") {
-            let action = self.string(a, "action")?;
-            if action != "accept" {
-                return Err(self.err(
-                    a.at,
-                    format!("action {action:?} is not supported: acls only accept"),
-                ));
-            }
+        // Required keys are there: `get` never falls back to the entry.
+        let get = |k: &str| e.get(k).copied().unwrap_or(j);
+        let action = self.string(get("action"), "action")?;
+        if action != "accept" {
+            let reason = format!("action {action:?} is not supported: acls only accept");
+            return Err(self.err(get("action").at, reason));
         }
-        let src = match e.get("src") {
-            Some(s) => self.aliases(s, "src", false)?,
-            None => Vec::new(),
-        };
+        let src = self.aliases(get("src"), "src", false)?;
         let proto = match e.get("proto") {
             Some(p) => self.proto(p)?,
             None => Vec::new(),
         };
         let mut dst = Vec::new();
-        if let Some(d) = e.get("dst") {
-            for (s, at) in self.strings(d, "dst")? {
-                let (alias, ports) = self.alias_ports(s).map_err(|e| self.err(at, e))?;
-                check_proto_ports(&proto, &ports).map_err(|e| self.err(at, e))?;
-                dst.push((alias, ports));
-            }
+        for (s, at) in self.strings(get("dst"), "dst", true)? {
+            let (alias, ports) = self.alias_ports(s).map_err(|e| self.err(at, e))?;
+            check_proto_ports(&proto, &ports).map_err(|e| self.err(at, e))?;
+            dst.push((alias, ports));
         }
         Ok(Rule {
             src,
@@ -434,9 +422,11 @@ impl Reader<'_> {
         })
     }
 
-    /// A protocol given as a name, a number, or a number in a string.
+    /// A protocol given as a name, a number, or a number in a string; `""` is the
+    /// default set (empty).
     fn proto(&self, j: &Json) -> Result<Vec<i64>, PolicyError> {
         let text = match &j.kind {
+            Kind::Str(s) if s.is_empty() => return Ok(Vec::new()),
             Kind::Str(s) => s.clone(),
             Kind::Number(n) => n.to_string(),
             _ => return Err(self.err(j.at, "proto must be a protocol name or number")),
@@ -448,18 +438,13 @@ impl Reader<'_> {
 
     fn read_grant(&self, j: &Json) -> Result<Rule, PolicyError> {
         let e = self.entry(j, "a grant", &["src", "dst", "ip", "app"], &["src", "dst"])?;
-        let src = match e.get("src") {
-            Some(s) => self.aliases(s, "src", false)?,
-            None => Vec::new(),
-        };
-        let dst = match e.get("dst") {
-            Some(d) => self.aliases(d, "dst", true)?,
-            None => Vec::new(),
-        };
+        let get = |k: &str| e.get(k).copied().unwrap_or(j);
+        let src = self.aliases(get("src"), "src", false)?;
+        let dst = self.aliases(get("dst"), "dst", true)?;
         // Entries grouped by protocol, in order of first appearance.
         let mut by_proto: Vec<(Vec<i64>, Vec<PortRange>)> = Vec::new();
         if let Some(ip) = e.get("ip") {
-            for (s, at) in self.strings(ip, "ip")? {
+            for (s, at) in self.strings(ip, "ip", true)? {
                 let (proto, ports) = parse_ip_entry(s).map_err(|e| self.err(at, e))?;
                 match by_proto.iter_mut().find(|(p, _)| *p == proto) {
                     Some((_, all)) => all.extend(ports),
@@ -529,7 +514,7 @@ impl Reader<'_> {
         };
         for (key, want) in [("accept", true), ("deny", false)] {
             let Some(list) = e.get(key) else { continue };
-            for (s, at) in self.strings(list, key)? {
+            for (s, at) in self.strings(list, key, false)? {
                 let (dst, port) = self.test_dst(s).map_err(|e| self.err(at, e))?;
                 if allowed(model, &src, &dst, port, proto) != want {
                     let verdict = if want { "denied" } else { "allowed" };

@@ -273,10 +273,15 @@ fn unsupported_sections_and_keys_are_refused() {
 fn acl_protocols_icmp_is_v4_only_and_takes_no_ports() {
     let c = compiled(&format!(
         r#"{{{TAGS} "acls": [{{"action": "accept", "src": ["bob@"], "dst": ["tag:server:*"], "proto": "icmp"}},
-                       {{"action": "accept", "src": ["bob@"], "dst": ["tag:server:*"], "proto": 58}}]}}"#
+                       {{"action": "accept", "src": ["bob@"], "dst": ["tag:server:*"], "proto": 58}},
+                       {{"action": "accept", "src": ["bob@"], "dst": ["tag:server:22"], "proto": ""}}]}}"#
     ));
     let protos: Vec<_> = c.filter_for(5).into_iter().map(|r| r.ip_proto).collect();
-    assert_eq!(protos, vec![vec![1], vec![58]]);
+    assert_eq!(
+        protos,
+        vec![vec![1], vec![58], vec![]],
+        "\"\" is the default set"
+    );
     let e = refused(&format!(
         r#"{{{TAGS} "acls": [{{"action": "accept", "src": ["*"], "dst": ["tag:server:22"], "proto": "icmp"}}]}}"#
     ));
