@@ -13,10 +13,12 @@
 //!   node's addresses as /32 and /128 prefixes;
 //! - `autogroup:self` gives each untagged node a rule of its own whose sources are the
 //!   rule's sources among its user's untagged nodes;
+//! - a rule whose sources resolve to no address is dropped (Headscale skips it too);
 //! - two nodes see each other when any rule lets one reach the other.
 //!
-//! Source lists are built once per rule and shared; peer sets are bitsets OR-ed per
-//! rule, so compiling is linear in rules × nodes.
+//! Source lists are built once per rule and shared by the nodes' rules (`FilterRule`s
+//! are only built in [`Compiled::filter_for`]); peer sets are bitsets, one OR of
+//! nodes/64 words per source or destination node of a rule.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
