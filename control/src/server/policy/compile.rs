@@ -13,7 +13,8 @@
 //!   node's addresses as /32 and /128 prefixes;
 //! - `autogroup:self` gives each untagged node a rule of its own whose sources are the
 //!   rule's sources among its user's untagged nodes;
-//! - a rule whose sources resolve to no address is dropped (Headscale skips it too);
+//! - a rule whose sources resolve to no address is dropped (Headscale drops such network
+//!   rules; for `app` it keeps one with empty `SrcIPs`, which grants nobody anything);
 //! - two nodes see each other when any rule lets one reach the other.
 //!
 //! Source lists are built once per rule and shared by the nodes' rules (`FilterRule`s
