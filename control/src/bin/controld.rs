@@ -202,7 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tags,
                 } => {
                     for t in &tags {
-                        control::server::policy::check_tag(t)?;
+                        control::server::policy::check_tag(t).map_err(anyhow::Error::msg)?;
                     }
                     let u = store.user_by_name(&user)?.with_context(|| {
                         format!("no user {user:?}: create it with `controld users create {user}`")

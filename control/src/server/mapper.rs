@@ -71,7 +71,13 @@ pub struct Snapshot {
 }
 
 /// One node as the policy sees it.
-type AccessInput = (i64, String, Vec<String>, std::net::Ipv4Addr, std::net::Ipv6Addr);
+type AccessInput = (
+    i64,
+    String,
+    Vec<String>,
+    std::net::Ipv4Addr,
+    std::net::Ipv6Addr,
+);
 
 impl Snapshot {
     /// Builds the next snapshot after `prev`, reusing its entries for unchanged nodes,
@@ -228,21 +234,15 @@ pub fn to_node(n: &NodeRecord, online: bool, now: i64, domain: &str) -> Node {
     }
 }
 
-/// Allow-all packet filter (explicit, not nil).
+/// Allow-all packet filter (explicit, not nil): the filter without a policy.
 pub fn allow_all_filter() -> serde_json::Value {
-    serde_json::json!([{
-        "SrcIPs": ["*"],
-        "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
-    }])
+    serde_json::to_value(super::policy::allow_all()).unwrap_or_else(|_| serde_json::json!([]))
 }
 
 /// Whether `self_id` may see node `n` in `snap`: every other node that has not expired
 /// and that the policy lets it reach or be reached by.
 fn visible(snap: &Snapshot, self_id: i64, n: &Node) -> bool {
-    n.id != self_id
-        && !n.expired
-        && snap.nodes.contains_key(&n.id)
-        && snap.allows(self_id, n.id)
+    n.id != self_id && !n.expired && snap.nodes.contains_key(&n.id) && snap.allows(self_id, n.id)
 }
 
 /// The first message of a stream: self, relay map, all peers, packet filter.
@@ -273,8 +273,7 @@ pub fn delta(old: &Snapshot, new: &Snapshot, self_id: i64) -> Option<MapResponse
         new.access.as_ref().and_then(|a| a.peers.get(&self_id)),
     );
     let same_view = old.access.is_none() == new.access.is_none() && old_access == new_access;
-    let ids: Box<dyn Iterator<Item = i64> + '_> = if new.prev_version == old.version && same_view
-    {
+    let ids: Box<dyn Iterator<Item = i64> + '_> = if new.prev_version == old.version && same_view {
         Box::new(new.changed.iter().copied())
     } else {
         Box::new(
@@ -449,6 +448,100 @@ mod tests {
         let d_skip = delta(&s0, &s4, 1).unwrap();
         assert_eq!(d_skip.peers_removed, vec![2]);
         assert!(d_skip.peers_changed.is_empty());
+    }
+
+    fn policy_snap(prev: &Snapshot, nodes: &[NodeRecord], policy: &Arc<Policy>) -> Snapshot {
+        let users: BTreeMap<i64, String> = [
+            (1, "alice".to_string()),
+            (2, "bob".to_string()),
+            (3, "carol".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        Snapshot::build(
+            nodes.iter().map(|n| (n.id, n.clone())).collect(),
+            BTreeSet::new(),
+            100,
+            "d",
+            Some((policy, &users)),
+            prev,
+        )
+    }
+
+    #[test]
+    fn a_policy_shapes_each_nodes_filter_and_peers_and_a_change_streams_as_a_delta() {
+        // Node i belongs to user i.
+        let nodes: Vec<NodeRecord> = (1..=3)
+            .map(|i| NodeRecord {
+                user_id: i,
+                ..rec(i)
+            })
+            .collect();
+        let p22 = Arc::new(
+            Policy::parse(
+                r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["bob@:22"]}]}"#,
+            )
+            .unwrap(),
+        );
+        let s1 = policy_snap(&Snapshot::default(), &nodes, &p22);
+        // bob's filter lets alice in on 22; alice's and carol's let nobody in.
+        let bob = full_map(&s1, 2, &settings()).unwrap();
+        let f = serde_json::to_string(&bob.packet_filter).unwrap();
+        assert!(
+            f.contains("100.64.0.1") && f.contains(r#""First":22,"Last":22"#),
+            "{f}"
+        );
+        assert_eq!(bob.peers.iter().map(|n| n.id).collect::<Vec<_>>(), [1]);
+        let alice = full_map(&s1, 1, &settings()).unwrap();
+        assert_eq!(alice.packet_filter, Some(serde_json::json!([])));
+        assert_eq!(alice.peers.iter().map(|n| n.id).collect::<Vec<_>>(), [2]);
+        let carol = full_map(&s1, 3, &settings()).unwrap();
+        assert!(carol.peers.is_empty());
+        // The same inputs again: the compiled access is reused, nothing to send.
+        let s2 = policy_snap(&s1, &nodes, &p22);
+        assert!(Arc::ptr_eq(
+            s1.access.as_ref().unwrap(),
+            s2.access.as_ref().unwrap()
+        ));
+        assert!(s2.same_as(&s1));
+        // A new policy: alice → carol instead. bob loses alice and gets an empty filter;
+        // carol gains alice.
+        let p_carol = Arc::new(
+            Policy::parse(
+                r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["carol@:*"]}]}"#,
+            )
+            .unwrap(),
+        );
+        let s3 = policy_snap(&s2, &nodes, &p_carol);
+        assert!(!s3.same_as(&s2));
+        let d = delta(&s2, &s3, 2).unwrap();
+        assert_eq!(d.peers_removed, vec![1]);
+        assert_eq!(d.packet_filter, Some(serde_json::json!([])));
+        let d = delta(&s2, &s3, 3).unwrap();
+        assert_eq!(
+            d.peers_changed.iter().map(|n| n.id).collect::<Vec<_>>(),
+            [1]
+        );
+        assert!(serde_json::to_string(&d.packet_filter)
+            .unwrap()
+            .contains("100.64.0.1"));
+        // alice keeps an empty filter: no PacketFilter in her delta.
+        let d = delta(&s2, &s3, 1).unwrap();
+        assert_eq!(d.packet_filter, None);
+        assert_eq!(d.peers_removed, vec![2]);
+    }
+
+    #[test]
+    fn the_readme_policy_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```jsonc\n")
+            .expect("README has a policy example")
+            + 9;
+        let len = readme[start..].find("```").unwrap();
+        if let Err(e) = Policy::parse(&readme[start..start + len]) {
+            panic!("README's policy example: {e}");
+        }
     }
 
     #[test]

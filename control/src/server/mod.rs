@@ -209,8 +209,8 @@ impl Shared {
         if same {
             return Ok(false);
         }
-        let parsed = policy::Policy::parse(&text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let parsed =
+            policy::Policy::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = Some((Arc::new(parsed), text));
         self.refresh().await.map_err(|e| e.to_string())?;
         Ok(true)

@@ -427,9 +427,9 @@ impl Store for SqliteStore {
 
     fn preauth_keys(&self) -> Result<Vec<PreAuthKeyRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            &format!("SELECT {KEY_COLUMNS} FROM preauth_keys ORDER BY id"),
-        )?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {KEY_COLUMNS} FROM preauth_keys ORDER BY id"
+        ))?;
         let rows = stmt.query_map([], key_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -473,7 +473,10 @@ impl Store for SqliteStore {
             .optional()?;
         let mut user_id = existing.as_ref().map(|n| n.user_id);
         let mut ephemeral = existing.as_ref().is_some_and(|n| n.ephemeral);
-        let mut tags = existing.as_ref().map(|n| n.tags.clone()).unwrap_or_default();
+        let mut tags = existing
+            .as_ref()
+            .map(|n| n.tags.clone())
+            .unwrap_or_default();
         // A device that is registered and current, coming back with the key it first
         // joined with (a restarted daemon still has it in its settings), is a plain
         // re-registration: a single-use key it already spent must not lock it out.
@@ -680,7 +683,9 @@ mod tests {
     fn register_allocates_stable_unique_addresses() {
         let s = SqliteStore::in_memory().unwrap();
         let u = s.create_user("alice", 0).unwrap();
-        let (key, _) = s.create_preauth_key(u.id, true, false, &[], 1000, 0).unwrap();
+        let (key, _) = s
+            .create_preauth_key(u.id, true, false, &[], 1000, 0)
+            .unwrap();
         let (m1, n1) = (
             MachinePrivate::generate().public(),
             NodePrivate::generate().public(),
@@ -713,7 +718,9 @@ mod tests {
     fn bad_keys_and_stolen_node_keys_are_refused_without_changes() {
         let s = SqliteStore::in_memory().unwrap();
         let u = s.create_user("alice", 0).unwrap();
-        let (once, _) = s.create_preauth_key(u.id, false, false, &[], 1000, 0).unwrap();
+        let (once, _) = s
+            .create_preauth_key(u.id, false, false, &[], 1000, 0)
+            .unwrap();
         let (old, old_rec) = s.create_preauth_key(u.id, true, false, &[], 10, 0).unwrap();
         let (m1, n1) = (
             MachinePrivate::generate().public(),
@@ -766,7 +773,9 @@ mod tests {
         let path = dir.path().join("controld.db");
         let s = SqliteStore::open(&path).unwrap();
         let u = s.create_user("alice", 0).unwrap();
-        let (key, _) = s.create_preauth_key(u.id, true, false, &[], 1000, 0).unwrap();
+        let (key, _) = s
+            .create_preauth_key(u.id, true, false, &[], 1000, 0)
+            .unwrap();
         let (m, n) = (
             MachinePrivate::generate().public(),
             NodePrivate::generate().public(),

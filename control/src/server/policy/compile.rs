@@ -111,6 +111,7 @@ impl NodeRule {
                         .map(|(ip, _)| IpNet::from(*ip).to_string())
                         .collect(),
                     cap_map: (**caps).clone(),
+                    ..CapGrant::default()
                 }];
             }
         }

@@ -87,6 +87,22 @@ impl Policy {
     }
 }
 
+/// Checks a tag's spelling: `tag:` and a name of letters, digits and dashes that starts
+/// with a letter (as Tailscale requires).
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let ok = tag.strip_prefix("tag:").is_some_and(|name| {
+        name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tag {tag:?} must be tag:NAME (letters, digits and dashes, starting with a letter)"
+        ))
+    }
+}
+
 /// The filter without a policy: anything may reach anything.
 pub fn allow_all() -> Vec<FilterRule> {
     vec![FilterRule {

@@ -292,8 +292,8 @@ impl Reader<'_> {
     fn read_tag_owners(&mut self, j: &Json) -> Result<(), PolicyError> {
         let fields = self.object(j, "tagOwners")?;
         for f in fields {
-            if f.key.strip_prefix("tag:").is_none_or(str::is_empty) {
-                return Err(self.err(f.at, format!("tag name {:?} must be tag:NAME", f.key)));
+            if let Err(e) = super::check_tag(&f.key) {
+                return Err(self.err(f.at, e));
             }
             self.tags.insert(f.key.clone());
         }

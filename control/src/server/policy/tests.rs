@@ -321,6 +321,7 @@ fn grants_compile_ip_by_protocol_and_app_to_cap_grants() {
                 vec![serde_json::json!({"path": "/admin"}), serde_json::json!(7)],
             )]
             .into(),
+            ..CapGrant::default()
         }],
         ..FilterRule::default()
     };
