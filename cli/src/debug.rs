@@ -88,7 +88,12 @@ fn render_filter(f: &proto::localapi::FilterStatus) -> String {
         "flows open for replies: {} ({} evicted)",
         f.flows, f.flows_evicted
     );
-    let denied: Vec<String> = f.denied.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let denied: Vec<String> = f
+        .denied
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
     let _ = writeln!(
         out,
         "denied: {}",
@@ -187,7 +192,9 @@ mod tests {
             local: vec!["100.64.0.1/32".into()],
             flows: 3,
             flows_evicted: 0,
-            denied: [("no_rule".to_string(), 5)].into_iter().collect(),
+            denied: [("no_rule".to_string(), 5), ("malformed".to_string(), 0)]
+                .into_iter()
+                .collect(),
         };
         let t = render_filter(&f);
         assert!(
@@ -195,7 +202,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("2 rules could not be read"), "{t}");
-        assert!(t.contains("denied: no_rule 5"), "{t}");
+        assert!(t.contains("denied: no_rule 5\n"), "{t}");
         let empty = proto::localapi::FilterStatus {
             received: true,
             ..Default::default()
