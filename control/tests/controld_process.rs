@@ -283,3 +283,71 @@ async fn verify(port: u16, key: &proto::NodePublic) -> bool {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out.contains(r#""Allow":true"#)
 }
+
+#[test]
+fn policy_check_refuses_with_the_line_and_serve_will_not_start_on_a_bad_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let good = dir.path().join("good.hujson");
+    std::fs::write(
+        &good,
+        "{\n  // comment\n  \"acls\": [{\"action\": \"accept\", \"src\": [\"alice@\"], \"dst\": [\"tag:server:22\"]},],\n  \"tagOwners\": {\"tag:server\": [\"alice@\"]},\n}\n",
+    )
+    .unwrap();
+    let out = cli(&db, &["policy", "check", good.to_str().unwrap()]);
+    assert!(out.contains("valid"), "{out}");
+    let bad = dir.path().join("bad.hujson");
+    std::fs::write(
+        &bad,
+        "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:nobody\"], \"dst\": [\"*:*\"]}\n  ]\n}\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["policy", "check", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.hujson") && err.contains("line 3") && err.contains("group:nobody"),
+        "{err}"
+    );
+    // serve refuses to start on it rather than run without the policy.
+    let map = dir.path().join("map.json");
+    std::fs::write(&map, r#"{"Regions":{"900":{"RegionID":900,"RegionCode":"loc","Nodes":[{"Name":"900a","RegionID":900,"HostName":"localhost"}]}}}"#).unwrap();
+    let out = run(&[
+        "serve",
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-map",
+        map.to_str().unwrap(),
+        "--policy",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("policy") && err.contains("line 3"), "{err}");
+    // Tags on pre-auth keys: spelled right or refused.
+    cli(&db, &["users", "create", "alice"]);
+    cli(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--user",
+            "alice",
+            "--tags",
+            "tag:server,tag:web",
+        ],
+    );
+    assert!(cli(&db, &["keys", "list"]).contains("tag:server,tag:web"));
+    let out = run(&["keys", "create", "--user", "alice", "--tags", "server"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tag:NAME"));
+}
