@@ -35,17 +35,27 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with_policy(None).await
+}
+
+/// controld with the policy file `policy` (written to `policy.hujson`), if any.
+async fn env_with_policy(policy: Option<&str>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("controld.db")).unwrap());
     let user = store.create_user("alice", now()).unwrap();
     let (auth_key, _) = store
         .create_preauth_key(user.id, true, false, &[], now() + 3600, now())
         .unwrap();
-    let cfg = ControlConfig::new(
+    let mut cfg = ControlConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         MachinePrivate::generate(),
         relay_map(),
     );
+    if let Some(text) = policy {
+        let path = dir.path().join("policy.hujson");
+        std::fs::write(&path, text).unwrap();
+        cfg.policy = Some(path);
+    }
     let server = ControlServer::start(cfg, store.clone()).await.unwrap();
     let url = format!("http://{}", server.addr()).parse().unwrap();
     Env {
@@ -143,6 +153,57 @@ async fn verify(e: &Env, key: &proto::NodePublic) -> bool {
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out.contains(r#""Allow":true"#)
+}
+
+#[tokio::test]
+async fn an_edited_policy_file_is_picked_up_without_a_signal() {
+    let policy = |port: u16| {
+        format!(
+            r#"{{"acls": [{{"action": "accept", "src": ["alice@"], "dst": ["bob@:{port}"]}}]}}"#
+        )
+    };
+    let e = env_with_policy(Some(&policy(22))).await;
+    let bob = e.store.create_user("bob", now()).unwrap();
+    let (bob_key, _) = e
+        .store
+        .create_preauth_key(bob.id, true, false, &[], now() + 3600, now())
+        .unwrap();
+    let a = device(&e, &e.auth_key, "192.0.2.1:41641").await.unwrap();
+    let b = device(&e, &bob_key, "192.0.2.2:41641").await.unwrap();
+    let mut sb = b.client.map_stream(&b.req).await.unwrap();
+    let mut nb = NetMap::default();
+    let ka = a.node.public();
+    let ports = |nm: &NetMap| serde_json::to_string(&nm.packet_filter).unwrap();
+    until(&mut sb, &mut nb, Duration::from_secs(5), |nm| {
+        nm.peer_by_key(&ka).is_some() && ports(nm).contains(r#""First":22,"Last":22"#)
+    })
+    .await;
+    // Replaced as editors do; nobody calls reload or sends SIGHUP.
+    let path = e._dir.path().join("policy.hujson");
+    let tmp = e._dir.path().join("policy.tmp");
+    std::fs::write(&tmp, policy(2222)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let t0 = Instant::now();
+    until(&mut sb, &mut nb, Duration::from_secs(3), |nm| {
+        ports(nm).contains(r#""First":2222,"Last":2222"#)
+    })
+    .await;
+    eprintln!("edited policy in bob's filter after {:?}", t0.elapsed());
+    // An invalid edit is refused: the next valid one still takes effect.
+    std::fs::write(&tmp, "{\"acls\": [{\"action\": \"deny\"}]}").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(e
+        .server
+        .reload_policy()
+        .await
+        .unwrap_err()
+        .contains("line 1"));
+    std::fs::write(&tmp, policy(23)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    until(&mut sb, &mut nb, Duration::from_secs(3), |nm| {
+        ports(nm).contains(r#""First":23,"Last":23"#)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -26,28 +26,18 @@ struct Headscale {
 
 async fn start_headscale(bin: &PathBuf) -> Headscale {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
     let port = free_port();
-    std::fs::write(
-        dir.path().join("derp.yaml"),
-        "regions:\n  900:\n    regionid: 900\n    regioncode: loc\n    regionname: Local\n    nodes:\n      - name: 900a\n        regionid: 900\n        hostname: localhost\n        ipv4: 127.0.0.1\n",
-    )
+    let cfg = testkit::interop::HeadscaleConfig {
+        dir: dir.path(),
+        ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        port,
+        metrics_port: free_port(),
+        grpc_port: free_port(),
+        region: (900, "localhost", std::net::Ipv4Addr::LOCALHOST),
+        policy: None,
+    }
+    .write()
     .unwrap();
-    let config = format!(
-        "server_url: http://127.0.0.1:{port}\nlisten_addr: 127.0.0.1:{port}\n\
-         metrics_listen_addr: 127.0.0.1:{}\ngrpc_listen_addr: 127.0.0.1:{}\n\
-         noise:\n  private_key_path: {d}/noise_private.key\n\
-         prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n\
-         derp:\n  server:\n    enabled: false\n  urls: []\n  paths:\n    - {d}/derp.yaml\n  auto_update_enabled: false\n\
-         disable_check_updates: true\n\
-         database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n\
-         dns:\n  magic_dns: false\n  base_domain: example.com\n  override_local_dns: false\n  nameservers:\n    global: []\n\
-         unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\n",
-        free_port(),
-        free_port()
-    );
-    let cfg = dir.path().join("config.yaml");
-    std::fs::write(&cfg, config).unwrap();
     let child = Command::new(bin)
         .args(["serve", "-c", cfg.to_str().unwrap()])
         .stdin(Stdio::null())

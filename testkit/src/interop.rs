@@ -37,3 +37,56 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     });
     None
 }
+
+/// Where a test's Headscale listens, keeps its files, and finds its one relay region.
+#[derive(Debug, Clone)]
+pub struct HeadscaleConfig<'a> {
+    /// Its folder: config, database, Noise key, unix socket.
+    pub dir: &'a std::path::Path,
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub grpc_port: u16,
+    /// The relay region: ID, host name and IPv4 address of its one node.
+    pub region: (i32, &'a str, std::net::Ipv4Addr),
+    /// A policy file (Headscale's file mode).
+    pub policy: Option<&'a std::path::Path>,
+}
+
+impl HeadscaleConfig<'_> {
+    /// Writes `config.yaml` and the relay map `derp.yaml` into the folder; returns the
+    /// config's path (for `headscale serve -c`).
+    pub fn write(&self) -> std::io::Result<PathBuf> {
+        let d = self.dir.display();
+        let (id, host, ipv4) = self.region;
+        std::fs::write(
+            self.dir.join("derp.yaml"),
+            format!(
+                "regions:\n  {id}:\n    regionid: {id}\n    regioncode: r{id}\n    regionname: Region {id}\n    nodes:\n      - name: {id}a\n        regionid: {id}\n        hostname: {host}\n        ipv4: {ipv4}\n        ipv6: none\n        insecurefortests: true\n"
+            ),
+        )?;
+        let listen = std::net::SocketAddr::new(self.ip, self.port);
+        let metrics = std::net::SocketAddr::new(self.ip, self.metrics_port);
+        let grpc = std::net::SocketAddr::new(self.ip, self.grpc_port);
+        let policy = self
+            .policy
+            .map(|p| format!("policy:\n  mode: file\n  path: {}\n", p.display()))
+            .unwrap_or_default();
+        let config = self.dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "server_url: http://{listen}\nlisten_addr: {listen}\n\
+                 metrics_listen_addr: {metrics}\ngrpc_listen_addr: {grpc}\n\
+                 noise:\n  private_key_path: {d}/noise_private.key\n\
+                 prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n\
+                 derp:\n  server:\n    enabled: false\n  urls: []\n  paths:\n    - {d}/derp.yaml\n  auto_update_enabled: false\n\
+                 disable_check_updates: true\n\
+                 database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n\
+                 dns:\n  magic_dns: false\n  base_domain: example.com\n  override_local_dns: false\n  nameservers:\n    global: []\n\
+                 unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\n{policy}"
+            ),
+        )?;
+        Ok(config)
+    }
+}

@@ -217,6 +217,29 @@ fn start_probes(pid: u32) -> Vec<std::process::Child> {
     out
 }
 
+/// Two agentd on public hosts, registered with `control` by the keys given, once the
+/// first has a direct path to the second.
+fn direct_pair(
+    lab: &Lab,
+    control: &scenario::Control,
+    devices: [(&str, &str); 2],
+) -> (Host, Host, scenario::Device, scenario::Device) {
+    let [(na, ka), (nb, kb)] = devices;
+    let ha = lab.add_public_host(na).unwrap();
+    let hb = lab.add_public_host(nb).unwrap();
+    let mut a = scenario::start_agentd_with_key(lab, &ha, na, &control.url, ka).unwrap();
+    let b = scenario::start_agentd_with_key(lab, &hb, nb, &control.url, kb).unwrap();
+    let _ = lab.exec(
+        &ha,
+        "ping",
+        ["-c", "3", "-i", "0.2", "-n", &b.ip.to_string()],
+    );
+    a.agentd
+        .wait_for_output("path=direct", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("no direct path from {na} to {nb}: {e}"));
+    (ha, hb, a, b)
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo bench --list
@@ -246,18 +269,8 @@ fn main() {
     let region = scenario::start_region(&lab, 901, 0).unwrap();
     let map = scenario::write_relay_map(&lab, &[&region], &[]).unwrap();
     let control = scenario::start_control(&lab, &map).unwrap();
-    let ha = lab.add_public_host("alice").unwrap();
-    let hb = lab.add_public_host("bob").unwrap();
-    let mut a = scenario::start_agentd(&lab, &ha, "alice", &control).unwrap();
-    let b = scenario::start_agentd(&lab, &hb, "bob", &control).unwrap();
-    let _ = lab.exec(
-        &ha,
-        "ping",
-        ["-c", "3", "-i", "0.2", "-n", &b.ip.to_string()],
-    );
-    a.agentd
-        .wait_for_output("path=direct", Duration::from_secs(10))
-        .expect("no direct path between the two agentd");
+    let key = control.auth_key.clone();
+    let (ha, hb, a, b) = direct_pair(&lab, &control, [("alice", &key), ("bob", &key)]);
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_kib(a.agentd.pid());
 
@@ -305,21 +318,11 @@ fn main() {
     let policy_arg = policy_file.display().to_string();
     let control2 =
         scenario::start_control_named(&lab, "control2", &map, &["--policy", &policy_arg]).unwrap();
-    let he = lab.add_public_host("eve").unwrap();
-    let hf = lab.add_public_host("frank").unwrap();
-    let key = |u: &str| control2.user_key(&lab, u, &[]).unwrap();
-    let mut e =
-        scenario::start_agentd_with_key(&lab, &he, "eve", &control2.url, &key("eve")).unwrap();
-    let f =
-        scenario::start_agentd_with_key(&lab, &hf, "frank", &control2.url, &key("frank")).unwrap();
-    let _ = lab.exec(
-        &he,
-        "ping",
-        ["-c", "3", "-i", "0.2", "-n", &f.ip.to_string()],
+    let (ke, kf) = (
+        control2.user_key(&lab, "eve", &[]).unwrap(),
+        control2.user_key(&lab, "frank", &[]).unwrap(),
     );
-    e.agentd
-        .wait_for_output("path=direct", Duration::from_secs(10))
-        .expect("no direct path between eve and frank");
+    let (he, hf, _e, f) = direct_pair(&lab, &control2, [("eve", &ke), ("frank", &kf)]);
     let (ok, rules, _) = f.agentctl(&lab, &["debug", "filter", "--json"]).unwrap();
     let rules: Value = serde_json::from_str(&rules).unwrap();
     assert!(

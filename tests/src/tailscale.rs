@@ -174,38 +174,19 @@ impl Headscale {
         let dir = lab.log_dir().join("headscale");
         std::fs::create_dir_all(&dir)
             .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
-        let d = dir.display();
-        let write = |name: &str, text: String| {
-            std::fs::write(dir.join(name), text)
-                .map_err(|e| LabError::io(format!("writing {name}"), e))
-        };
-        write(
-            "derp.yaml",
-            format!(
-                "regions:\n  {id}:\n    regionid: {id}\n    regioncode: r{id}\n    regionname: Region {id}\n    nodes:\n      - name: {id}a\n        regionid: {id}\n        hostname: relay{id}\n        ipv4: {ip}\n        ipv6: none\n        insecurefortests: true\n",
-                id = region.id,
-                ip = region.host.ip
-            ),
-        )?;
         let ip = host.ip;
-        let policy = policy
-            .map(|p| format!("policy:\n  mode: file\n  path: {}\n", p.display()))
-            .unwrap_or_default();
-        write(
-            "config.yaml",
-            format!(
-                "server_url: http://{ip}:8080\nlisten_addr: {ip}:8080\n\
-                 metrics_listen_addr: {ip}:9090\ngrpc_listen_addr: {ip}:50443\n\
-                 noise:\n  private_key_path: {d}/noise_private.key\n\
-                 prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n\
-                 derp:\n  server:\n    enabled: false\n  urls: []\n  paths:\n    - {d}/derp.yaml\n  auto_update_enabled: false\n\
-                 disable_check_updates: true\n\
-                 database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n\
-                 dns:\n  magic_dns: false\n  base_domain: example.com\n  override_local_dns: false\n  nameservers:\n    global: []\n\
-                 unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\n{policy}"
-            ),
-        )?;
-        let config = dir.join("config.yaml").display().to_string();
+        let config = testkit::interop::HeadscaleConfig {
+            dir: &dir,
+            ip: ip.into(),
+            port: 8080,
+            metrics_port: 9090,
+            grpc_port: 50443,
+            region: (region.id, &format!("relay{}", region.id), region.host.ip),
+            policy,
+        }
+        .write()
+        .map_err(|e| LabError::io("writing Headscale's config", e))?;
+        let config = config.display().to_string();
         let server = lab.spawn(&host, &bin, ["serve", "-c", &config])?;
         let mut hs = Headscale {
             control: Control {

@@ -376,10 +376,16 @@ impl PacketFilter {
     /// A packet going out through the tunnel: a UDP or SCTP flow is remembered so its
     /// replies are let in.
     pub fn note_outbound(&mut self, packet: &[u8], now: Instant) {
-        let Some(p) = parse(packet) else { return };
-        if !matches!(p.proto, UDP | SCTP) {
+        // Most packets out are TCP: look at the protocol byte before parsing anything.
+        let proto = match packet.first().map(|b| b >> 4) {
+            Some(4) => packet.get(9),
+            Some(6) => packet.get(6),
+            _ => None,
+        };
+        if !matches!(proto, Some(&(UDP | SCTP))) {
             return;
         }
+        let Some(p) = parse(packet) else { return };
         let flow = (p.proto, p.dst, p.dport, p.src, p.sport);
         self.next_seq += 1;
         if let Some((_, seq)) = self.flows.insert(flow, (now, self.next_seq)) {

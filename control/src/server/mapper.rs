@@ -20,28 +20,15 @@ pub struct Access {
 }
 
 impl Access {
-    /// Compiles `policy` for `nodes` (user names from `users`).
-    pub fn compile(
-        policy: &Policy,
-        nodes: &BTreeMap<i64, Arc<NodeRecord>>,
-        users: &BTreeMap<i64, String>,
-    ) -> Access {
-        let ids: Vec<Identity> = nodes
-            .values()
-            .map(|n| Identity {
-                id: n.id,
-                user: users.get(&n.user_id).cloned().unwrap_or_default(),
-                tags: n.tags.clone(),
-                addresses: vec![n.ipv4.into(), n.ipv6.into()],
-            })
-            .collect();
-        let compiled = policy.compile(&ids);
+    /// Compiles `policy` for the nodes as it sees them.
+    pub fn compile(policy: &Policy, nodes: &[Identity]) -> Access {
+        let compiled = policy.compile(nodes);
         let mut access = Access::default();
-        for id in nodes.keys() {
-            let rules = compiled.filter_for(*id);
+        for n in nodes {
+            let rules = compiled.filter_for(n.id);
             let json = serde_json::to_value(&rules).unwrap_or_else(|_| serde_json::json!([]));
-            access.filters.insert(*id, Arc::new(json));
-            access.peers.insert(*id, compiled.peers_of(*id).clone());
+            access.filters.insert(n.id, Arc::new(json));
+            access.peers.insert(n.id, compiled.peers_of(n.id).clone());
         }
         access
     }
@@ -67,17 +54,8 @@ pub struct Snapshot {
     pub access: Option<Arc<Access>>,
     /// What `access` was compiled from (the policy, and each node's owner, tags and
     /// addresses): a snapshot with the same inputs reuses it.
-    access_inputs: Option<(Arc<Policy>, Vec<AccessInput>)>,
+    access_inputs: Option<(Arc<Policy>, Vec<Identity>)>,
 }
-
-/// One node as the policy sees it.
-type AccessInput = (
-    i64,
-    String,
-    Vec<String>,
-    std::net::Ipv4Addr,
-    std::net::Ipv6Addr,
-);
 
 impl Snapshot {
     /// Builds the next snapshot after `prev`, reusing its entries for unchanged nodes,
@@ -116,11 +94,13 @@ impl Snapshot {
         let mut access = None;
         let mut access_inputs = None;
         if let Some((p, users)) = policy {
-            let inputs: Vec<AccessInput> = records
+            let inputs: Vec<Identity> = records
                 .values()
-                .map(|n| {
-                    let user = users.get(&n.user_id).cloned().unwrap_or_default();
-                    (n.id, user, n.tags.clone(), n.ipv4, n.ipv6)
+                .map(|n| Identity {
+                    id: n.id,
+                    user: users.get(&n.user_id).cloned().unwrap_or_default(),
+                    tags: n.tags.clone(),
+                    addresses: vec![n.ipv4.into(), n.ipv6.into()],
                 })
                 .collect();
             let same_inputs = prev
@@ -130,7 +110,7 @@ impl Snapshot {
             access = match &prev.access {
                 Some(old) if same_inputs => Some(old.clone()),
                 old => {
-                    let a = Access::compile(p, &records, users);
+                    let a = Access::compile(p, &inputs);
                     // Unchanged results keep the old allocation (streams compare by
                     // pointer first).
                     Some(match old {

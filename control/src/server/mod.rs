@@ -334,26 +334,40 @@ impl ControlServer {
     }
 }
 
-/// How often the policy file is read to notice an edit.
+/// How often the policy file's metadata is looked at to notice an edit.
 const POLICY_POLL: Duration = Duration::from_millis(500);
 
-/// Reloads the policy when its file changes; an invalid edit is logged once and the
-/// policy in force stays.
+/// What tells an edited policy file from the one last read: its modification time, size
+/// and inode (an editor that replaces the file changes the inode). None: unreadable.
+fn policy_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((m.modified().ok()?, m.len(), ino))
+}
+
+/// Reloads the policy when its file changes (only then is it read and parsed); an
+/// invalid edit is logged and the policy in force stays.
 async fn watch_policy(shared: Arc<Shared>) {
-    let mut last_error = String::new();
+    let Some(path) = shared.cfg.policy.clone() else {
+        return;
+    };
+    let mut stamp = policy_stamp(&path);
     loop {
         tokio::time::sleep(POLICY_POLL).await;
+        let now = policy_stamp(&path);
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
         match shared.reload_policy().await {
-            Ok(true) => {
-                last_error.clear();
-                tracing::info!("access policy reloaded");
-            }
+            Ok(true) => tracing::info!("access policy reloaded"),
             Ok(false) => {}
-            Err(e) if e != last_error => {
+            Err(e) => {
                 tracing::error!(error = %e, "the edited policy is refused; the previous one stays in force");
-                last_error = e;
             }
-            Err(_) => {}
         }
     }
 }
