@@ -802,3 +802,47 @@ mod tests {
         assert_eq!(f.check_inbound(&p, now), Err(Deny::Malformed));
     }
 }
+/// The filter's per-packet cost on the data path, for BENCHMARKS.md (a measurement, not
+/// run by default): `cargo test --release -p agent --lib filter_cost -- --ignored
+/// --nocapture`.
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement: run it in release mode by hand"]
+    #[allow(clippy::print_stderr)] // the measured figures are its output
+    fn filter_cost_per_packet() {
+        let mut f = PacketFilter::default();
+        f.set_local(vec![
+            "100.64.0.1/32".parse().unwrap(),
+            "fd7a:115c:a1e0::1/128".parse().unwrap(),
+        ]);
+        f.set_rules(Some(&serde_json::json!([{
+            "SrcIPs": ["*"],
+            "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
+        }])));
+        // A 1400-byte TCP segment of an open connection (ACK), the bulk of a stream.
+        let mut p = vec![0u8; 1400];
+        p[0] = 0x45;
+        p[9] = TCP;
+        p[12..16].copy_from_slice(&[100, 64, 0, 2]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 1]);
+        p[33] = 0x10;
+        let now = Instant::now();
+        const N: u32 = 10_000_000;
+        let t = Instant::now();
+        let passed = (0..N)
+            .filter(|_| f.check_inbound(std::hint::black_box(&p), now).is_ok())
+            .count();
+        let inbound = t.elapsed() / N;
+        let t = Instant::now();
+        for _ in 0..N {
+            f.note_outbound(std::hint::black_box(&p), now);
+        }
+        let outbound = t.elapsed() / N;
+        eprintln!("per packet: check_inbound {inbound:?}, note_outbound {outbound:?}");
+        assert_eq!(passed, N as usize);
+        assert_eq!(f.flow_count(), 0, "TCP opens no flow");
+    }
+}
